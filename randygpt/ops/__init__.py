@@ -1,0 +1,1 @@
+"""Layer math: forward/backward pairs. `reference` is the readable NumPy version."""

@@ -1,0 +1,90 @@
+"""The whole model's gradient, every parameter tensor, against float64 finite differences."""
+import numpy as np
+import pytest
+
+from randygpt.config import ModelConfig
+from randygpt.model import GPT, count_parameters, parameter_shapes
+from gradcheck import numerical_grad, rel_error
+
+CFG = dict(vocab_size=9, block_size=6, n_layer=2, n_embd=8, n_head=2, dropout=0.25)
+
+
+def rough_model(dtype, seed=0):
+    """A tiny model with large random weights (std 0.5, gains != 1) so that every nonlinearity
+    and every path carries gradient well above finite-difference round-off."""
+    m = GPT(ModelConfig(**CFG), seed=None, dtype=dtype)
+    rng = np.random.default_rng(seed)
+    for name, shape in m.params.shapes:
+        base = 1.0 if name.endswith(".g") else 0.0
+        m.params[name][...] = base + rng.normal(0, 0.5, shape)
+    return m
+
+
+def batch(seed=1, B=3, T=5):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, CFG["vocab_size"], (B, T)), rng.integers(0, CFG["vocab_size"], (B, T))
+
+
+def test_parameter_count_matches_seed_small_config():
+    # the seed's v0.5 "small" config with the 65-char Shakespeare vocabulary (+BOS/EOS)
+    n = count_parameters(ModelConfig(vocab_size=67, block_size=64, n_layer=6, n_embd=128,
+                                     n_head=8))
+    assert 1.15e6 < n < 1.25e6
+    assert [s for _, s in parameter_shapes(ModelConfig(**CFG))][:2] == [(9, 8), (6, 8)]
+
+
+@pytest.mark.parametrize("with_dropout", [False, True])
+def test_whole_model_gradient_matches_finite_differences(with_dropout):
+    m = rough_model(np.float64)
+    x, y = batch()
+
+    def loss():   # the same dropout masks on every call: a fresh generator with a fixed seed
+        return m.forward(x, y, rng=np.random.default_rng(7) if with_dropout else None)[1]
+
+    loss()
+    m.backward()
+    probe = np.random.default_rng(2)
+    for name, _ in m.params.shapes:
+        p, g = m.params[name], m.grads[name]
+        idx = probe.choice(p.size, size=min(p.size, 40), replace=False)
+        _, num = numerical_grad(loss, p, eps=1e-6, indices=idx)
+        err = rel_error(num, g.reshape(-1)[idx])
+        assert err <= 1e-6, f"{name}: relative error {err:.2e}"
+        assert np.abs(g).max() > 0, f"{name}: gradient is all zero"
+
+
+def test_float32_agrees_with_float64():
+    m64, m32 = rough_model(np.float64), rough_model(np.float32)
+    x, y = batch()
+    l64 = m64.forward(x, y, rng=np.random.default_rng(7))[1]
+    l32 = m32.forward(x, y, rng=np.random.default_rng(7))[1]
+    assert abs(l64 - l32) / l64 < 1e-5
+    m64.backward()
+    m32.backward()
+    assert m32.grads.flat.dtype == np.float32
+    for name, _ in m64.params.shapes:
+        assert rel_error(m32.grads[name], m64.grads[name]) < 1e-4, name
+
+
+def test_gpt2_init():
+    m = GPT(ModelConfig(vocab_size=50, block_size=32, n_layer=4, n_embd=64, n_head=4), seed=0)
+    assert m.params.flat.dtype == np.float32
+    assert abs(m.params["h.0.mlp.fc"].std() - 0.02) < 0.002
+    assert abs(m.params["h.0.attn.proj"].std() - 0.02 / np.sqrt(8)) < 0.001
+    assert np.all(m.params["h.3.ln2.g"] == 1.0) and np.all(m.params["ln_f.g"] == 1.0)
+    mask = m.decay_mask()
+    a, b = m.params.offsets["h.0.ln1.g"]
+    assert mask[a:b].sum() == 0 and mask[m.params.offsets["wte"][0]] == 1
+
+
+def test_loss_starts_near_log_vocab():
+    m = GPT(ModelConfig(vocab_size=67, block_size=16, n_layer=2, n_embd=32, n_head=4), seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 67, (4, 16))
+    assert abs(m.loss(x, x) - np.log(67)) < 0.1
+
+
+def test_block_size_is_enforced():
+    m = GPT(ModelConfig(**CFG), seed=0)
+    with pytest.raises(ValueError, match="block_size"):
+        m.forward(np.zeros((1, 7), dtype=np.int64))
