@@ -43,14 +43,14 @@ class Split:
     val: np.ndarray
 
 
-def split_tokens(tokens: np.ndarray, block_size: int) -> Split:
+def split_tokens(tokens: np.ndarray, block_size: int, source: str = "the text") -> Split:
     """First 90 % for training, last 10 % for validation; each needs a whole window."""
     n_val = int(len(tokens) * VAL_FRACTION)
     train, val = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:]
     need = block_size + 1
     if len(val) < need:
         raise UserError(
-            f"the text is too short: {len(tokens)} tokens gives a validation split of {len(val)}, "
+            f"{source} is too short: {len(tokens)} tokens gives a validation split of {len(val)}, "
             f"but a window needs block_size+1 = {need}; use more text (at least "
             f"{need * 10} tokens) or a smaller --block")
     return Split(train, val)

@@ -76,7 +76,8 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, data_path: str | None = None,
     tokenizer = CharTokenizer.from_text(text)
     mcfg.vocab_size = tokenizer.vocab_size
     mcfg.validate()
-    split: Split = split_tokens(encode_corpus(text, tokenizer), mcfg.block_size)
+    split: Split = split_tokens(encode_corpus(text, tokenizer), mcfg.block_size,
+                                source=repr(data_path) if data_path else "the text")
 
     init_rng, batch_rng, dropout_rng = rng_streams(tcfg.seed)
     model = GPT(mcfg, seed=None)

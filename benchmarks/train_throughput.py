@@ -1,0 +1,67 @@
+"""Training throughput of randyGPT: tokens/s for a preset on Tiny Shakespeare.
+
+    python benchmarks/train_throughput.py [--preset small] [--iters 30] [--data PATH]
+
+Times whole training steps (forward, backward, clipping, AdamW) after a few warm-up steps and
+prints the median step time and tokens/s. Uses ../shared/data/tinyshakespeare.txt by default.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import numpy as np  # noqa: E402
+
+from randygpt.config import PRESETS, ModelConfig  # noqa: E402
+from randygpt.data import get_batch  # noqa: E402
+from randygpt.model import GPT  # noqa: E402
+from randygpt.optim import AdamW, clip_grad_norm  # noqa: E402
+from randygpt.tokenizer import CharTokenizer  # noqa: E402
+
+DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                            "tinyshakespeare.txt")
+
+
+def measure(model, tokens, batch, iters, warmup=3):
+    opt = AdamW(model.params.flat, model.decay_mask())
+    batch_rng, drop_rng = np.random.default_rng(0), np.random.default_rng(1)
+    times = []
+    for i in range(warmup + iters):
+        t0 = time.perf_counter()
+        x, y = get_batch(tokens, batch, model.cfg.block_size, batch_rng)
+        model.forward(x, y, rng=drop_rng)
+        model.backward()
+        clip_grad_norm(model.grads.flat, 1.0)
+        opt.step(model.grads.flat, 1e-3)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="small", choices=list(PRESETS))
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--data", default=DEFAULT_DATA)
+    args = ap.parse_args()
+    if not os.path.exists(args.data):
+        sys.exit(f"no corpus at {args.data}: pass --data PATH (see the README for Tiny Shakespeare)")
+    text = open(args.data, encoding="utf-8").read()
+    tok = CharTokenizer.from_text(text)
+    tokens = tok.encode(text)
+    p = PRESETS[args.preset]
+    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=p["block_size"], n_layer=p["n_layer"],
+                      n_embd=p["n_embd"], n_head=p["n_head"], dropout=0.1)
+    model = GPT(cfg, seed=0)
+    step = measure(model, tokens, p["batch_size"], args.iters)
+    tokens_per_step = p["batch_size"] * cfg.block_size
+    print(f"preset {args.preset}: {model.num_params:,} params, batch {p['batch_size']} x block "
+          f"{cfg.block_size} = {tokens_per_step} tokens/step")
+    print(f"median step {step * 1000:.1f} ms  ->  {tokens_per_step / step:,.0f} tokens/s")
+
+
+if __name__ == "__main__":
+    main()
