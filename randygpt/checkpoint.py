@@ -1,0 +1,377 @@
+"""Checkpoints: one safetensors file holding everything a run needs to continue or to generate.
+
+    tensors   <param name>             the model weights, float32, shapes from the model config
+              adam.m.<name>, adam.v.<name>   AdamW's two moments for every parameter (optional)
+    metadata  format   = "randygpt"
+              randygpt = one JSON string: format_version, model_config, train_config, tokenizer,
+                         iter, optimizer_step, best_val_loss, rng states, data, ...
+              sha256   = digest of that JSON and of every tensor's name, dtype, shape and bytes
+
+safetensors never runs code on load (no pickle), and it checks the header's layout; the digest
+catches what it cannot: damaged bytes inside tensor data or inside the metadata. Writes are
+atomic (temp file in the same directory, fsync, os.replace, fsync the directory), so a reader
+never sees half a file and the previous checkpoint survives a crash at any instant.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+import struct
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .config import ModelConfig, TrainConfig
+from .errors import UserError
+from .model import GPT, parameter_shapes
+from .tokenizer import tokenizer_from_dict
+
+FORMAT_VERSION = 1
+FORMAT_NAME = "randygpt"
+LATEST = "checkpoint.safetensors"          # names inside a run directory
+BEST = "checkpoint_best.safetensors"
+_MOMENTS = ("adam.m.", "adam.v.")
+_RNG_KINDS = {"PCG64": np.random.PCG64}    # bit generators we will rebuild (never getattr by name)
+_MAX_HEADER = 100 << 20                    # safetensors' own limit on the JSON header
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    model: GPT                       # weights loaded, float32
+    tokenizer: object
+    model_config: ModelConfig
+    train_config: TrainConfig | None
+    meta: dict                       # iter, optimizer_step, best_val_loss, rng, data, ...
+    optimizer_state: dict | None     # {'m': flat ndarray, 'v': flat ndarray, 'step': int}
+
+    @property
+    def iter(self) -> int:
+        return int(self.meta.get("iter", 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+def encode_checkpoint(model: GPT, tokenizer, optimizer=None, meta: dict | None = None) -> bytes:
+    """The bytes of a checkpoint file. Refuses non-finite weights: a diverged run must not
+    replace a good checkpoint."""
+    flat = model.params.flat
+    if not np.isfinite(flat).all():
+        raise UserError("refusing to write a checkpoint: the weights contain NaN or inf "
+                        "(training diverged); the previous checkpoint is kept")
+    tensors = {name: np.ascontiguousarray(model.params[name], dtype=np.float32)
+               for name in model.params.names()}
+    info = {k: _jsonable(v) for k, v in (meta or {}).items()}
+    info.update(format_version=FORMAT_VERSION, model_config=model.cfg.to_dict(),
+                tokenizer=tokenizer.to_dict(), num_params=int(model.num_params))
+    if optimizer is not None:
+        for prefix, buf in zip(_MOMENTS, (optimizer.m, optimizer.v)):
+            for name, (a, b) in model.params.offsets.items():
+                tensors[prefix + name] = np.ascontiguousarray(
+                    buf[a:b].reshape(model.params[name].shape), dtype=np.float32)
+        info["optimizer_step"] = int(optimizer.step_count)
+    info_json = json.dumps(info, sort_keys=True, allow_nan=False)
+    from safetensors.numpy import save
+    return save(tensors, metadata={"format": FORMAT_NAME, "randygpt": info_json,
+                                   "sha256": _digest(info_json, tensors)})
+
+
+def save_checkpoint(path, model: GPT, tokenizer, optimizer=None, meta: dict | None = None) -> None:
+    write_atomic(path, encode_checkpoint(model, tokenizer, optimizer, meta))
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Write data to path so that path holds either its old bytes or all the new ones."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-"
+                                  f"{secrets.token_hex(4)}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):     # disk full, quota, I/O error: the old file is intact
+            raise UserError(f"cannot write {path}: {e.strerror or e}; its previous version, "
+                            "if any, is intact") from None
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)   # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+_TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]+$")
+
+
+def remove_stale_temp_files(directory) -> list[str]:
+    """Delete temp files that a killed writer left in directory (those of live processes stay)."""
+    removed = []
+    for name in os.listdir(directory):
+        m = _TEMP_NAME.match(name)
+        if m is None or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False           # our own writes clean up after themselves; a leftover is stale
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+def load_checkpoint(path) -> Checkpoint:
+    """Read and validate a checkpoint; any problem is a UserError naming the file and the fault.
+    A directory means the checkpoint.safetensors inside it."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, LATEST)):
+            raise UserError(f"directory {path!r} holds no {LATEST}; pass a checkpoint file")
+        path = os.path.join(path, LATEST)
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path!r} does not exist")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"checkpoint {path!r} cannot be read: {e.strerror}") from None
+
+    def bad(what):
+        return UserError(f"checkpoint {path!r} {what}")
+
+    header, data_start = _read_header(data, bad)
+    info = _read_info(header, bad)
+    try:
+        from safetensors.numpy import load
+        tensors = load(data)
+    except Exception as e:       # safetensors raises its own error type for every layout fault
+        raise bad(f"is corrupted ({str(e).splitlines()[0]})") from None
+    if _digest(header["__metadata__"]["randygpt"], tensors) != header["__metadata__"]["sha256"]:
+        raise bad("is corrupted: its contents do not match the checksum stored in it "
+                  "(the file was damaged after it was written)")
+    try:
+        return _assemble(path, info, tensors, bad)
+    except UserError as e:
+        if path in str(e):
+            raise
+        raise bad(f"is invalid: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise bad(f"has malformed metadata ({type(e).__name__}: {e})") from None
+
+
+def _read_header(data: bytes, bad) -> tuple[dict, int]:
+    if len(data) == 0:
+        raise bad("is empty (0 bytes); use another checkpoint")
+    if data[:4] == b"PK\x03\x04":
+        raise bad("is a zip archive (a PyTorch .pt file?), not a randyGPT safetensors checkpoint")
+    if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        raise bad("is a Python pickle, not a randyGPT checkpoint; "
+                  "randyGPT never loads pickles (they can run code)")
+    if len(data) < 8:
+        raise bad(f"is only {len(data)} bytes long: it is truncated or not a checkpoint")
+    (n,) = struct.unpack("<Q", data[:8])
+    if not data[8:9] == b"{" or n > _MAX_HEADER:
+        raise bad("is not a safetensors file (no valid header): it is corrupted or not a "
+                  "randyGPT checkpoint")
+    if 8 + n > len(data):
+        raise bad(f"is truncated ({len(data)} bytes; its header alone needs {8 + n})")
+    try:
+        header = json.loads(data[8:8 + n])
+    except (UnicodeDecodeError, ValueError):
+        raise bad("is corrupted: its safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise bad("is corrupted: its safetensors header is not a JSON object")
+    try:   # where the last tensor ends; a malformed entry is left to safetensors to name
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"),
+                  default=0)
+    except (KeyError, IndexError, TypeError, ValueError):
+        end = 0
+    if 8 + n + end > len(data):
+        raise bad(f"is truncated ({len(data)} bytes; it should have {8 + n + end})")
+    return header, 8 + n
+
+
+def _read_info(header: dict, bad) -> dict:
+    meta = header.get("__metadata__")
+    ours = ("format", "randygpt", "sha256")
+    if not isinstance(meta, dict) or not any(k in meta for k in ours):
+        raise bad("is a safetensors file but not a randyGPT checkpoint (no randygpt metadata)")
+    if meta.get("format") != FORMAT_NAME or not all(isinstance(meta.get(k), str) for k in ours):
+        raise bad("is corrupted: its randygpt metadata is damaged")
+    try:
+        info = json.loads(meta["randygpt"])
+    except ValueError:
+        raise bad("is corrupted: its randygpt metadata is not valid JSON") from None
+    version = info.get("format_version") if isinstance(info, dict) else None
+    if not isinstance(version, int) or version < 1:
+        raise bad(f"has an invalid format version {version!r}")
+    if version > FORMAT_VERSION:
+        raise bad(f"was written in checkpoint format version {version}, newer than this "
+                  f"randyGPT reads (up to {FORMAT_VERSION}): upgrade randygpt to load it")
+    return info
+
+
+def _assemble(path, info, tensors, bad) -> Checkpoint:
+    mcfg = ModelConfig.from_dict(info["model_config"])
+    mcfg.validate()
+    tokenizer = tokenizer_from_dict(info["tokenizer"])
+    if tokenizer.vocab_size != mcfg.vocab_size:
+        raise bad(f"is inconsistent: its tokenizer has {tokenizer.vocab_size} tokens but its "
+                  f"model config says vocab_size {mcfg.vocab_size}")
+    expected = dict(parameter_shapes(mcfg))
+    has_moments = any(k.startswith(_MOMENTS) for k in tensors)
+    wanted = set(expected) | ({p + n for p in _MOMENTS for n in expected} if has_moments else set())
+    missing, extra = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
+    if missing:
+        raise bad(f"lacks tensor(s) {', '.join(missing[:5])}")
+    if extra:
+        raise bad(f"has unexpected tensor(s) {', '.join(extra[:5])} for its model config")
+    for name in sorted(wanted):
+        shape = expected[name.split(".", 2)[2] if name.startswith(_MOMENTS) else name]
+        t = tensors[name]
+        if t.shape != shape:
+            raise bad(f"has tensor {name} of shape {tuple(t.shape)}, but its model config needs "
+                      f"{shape}")
+        if t.dtype != np.float32:
+            raise bad(f"has tensor {name} of dtype {t.dtype}; randyGPT checkpoints are float32")
+    model = GPT(mcfg, seed=None)
+    for name in expected:
+        model.params[name][...] = tensors[name]
+    opt_state = None
+    if has_moments:
+        m, v = (np.concatenate([tensors[p + n].ravel() for n in model.params.names()])
+                for p in _MOMENTS)
+        opt_state = {"m": m, "v": v, "step": int(info.get("optimizer_step", 0))}
+    tcfg = TrainConfig.from_dict(info["train_config"]) if info.get("train_config") else None
+    return Checkpoint(path, model, tokenizer, mcfg, tcfg, info, opt_state)
+
+
+def _digest(info_json: str, tensors: dict) -> str:
+    h = hashlib.sha256(b"randygpt-checkpoint\0" + info_json.encode("utf-8"))
+    for name in sorted(tensors):
+        t = np.ascontiguousarray(tensors[name])
+        h.update(f"\0{name}\0{t.dtype.str}\0{t.shape}\0".encode())
+        h.update(memoryview(t).cast("B"))
+    return h.hexdigest()
+
+
+def _jsonable(v):
+    """Metadata values as JSON: dataclasses as dicts, NaN/inf floats as None."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return dataclasses.asdict(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (np.integer, np.floating)):
+        return _jsonable(v.item())
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# training state: RNG streams and the optimizer
+
+def rng_state(rng: np.random.Generator) -> dict:
+    return rng.bit_generator.state      # a JSON-able dict (big ints are fine in JSON)
+
+
+def rng_from_state(state: dict) -> np.random.Generator:
+    kind = _RNG_KINDS.get(state.get("bit_generator"))
+    if kind is None:
+        raise UserError(f"unsupported random generator {state.get('bit_generator')!r} "
+                        f"(expected one of {', '.join(_RNG_KINDS)})")
+    bit_gen = kind()
+    bit_gen.state = state
+    return np.random.Generator(bit_gen)
+
+
+def restore_optimizer(opt, state: dict) -> None:
+    opt.m[...] = state["m"]
+    opt.v[...] = state["v"]
+    opt.step_count = int(state["step"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the rules of a run directory and of resuming
+
+def check_run_dir(out_dir: str, resume: Checkpoint | None) -> None:
+    """Never overwrite another run: a run directory with a checkpoint is only written to by a
+    resume of a checkpoint that lives in it. Leftover temp files of killed writers go."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out {out_dir} is a file, not a directory; choose another --out")
+    existing = [n for n in (LATEST, BEST) if os.path.exists(os.path.join(out_dir, n))]
+    if existing:
+        same = resume is not None and os.path.samefile(
+            os.path.dirname(os.path.abspath(resume.path)), out_dir)
+        if not same:
+            raise UserError(f"{out_dir} already holds a checkpoint ({existing[0]}); continue "
+                            f"that run with --resume, or choose another --out")
+    if os.path.isdir(out_dir):
+        remove_stale_temp_files(out_dir)
+
+
+def check_resumable(ckpt: Checkpoint, mcfg: ModelConfig, tcfg: TrainConfig) -> None:
+    """An exact continuation needs the full training state and the very same configs; only
+    the target iteration count may change, and it must lie ahead."""
+    if ckpt.optimizer_state is None or ckpt.train_config is None or "rng" not in ckpt.meta:
+        raise UserError(f"{ckpt.path} holds weights only (no optimizer or RNG state), so it "
+                        "cannot be resumed; use --fine-tune to start from it")
+    if mcfg != ckpt.model_config:
+        raise UserError(f"the model config differs from the checkpoint's ({ckpt.path})")
+    theirs = replace(ckpt.train_config, iters=tcfg.iters)
+    if theirs != tcfg:
+        diff = [f"{k} {v} (checkpoint: {theirs.to_dict()[k]})"
+                for k, v in tcfg.to_dict().items() if theirs.to_dict()[k] != v]
+        raise UserError(f"the training config differs from the checkpoint's: {', '.join(diff)}")
+    if ckpt.iter >= tcfg.iters:
+        raise UserError(f"{ckpt.path} is already at iteration {ckpt.iter}; --iters is the total "
+                        f"target, so pass --iters larger than {ckpt.iter} to train more")
+
+
+def summary(ckpt: Checkpoint) -> dict:
+    """What `randygpt info` shows, as one JSON-able dict."""
+    meta = ckpt.meta
+    return {
+        "path": ckpt.path,
+        "file_size": os.path.getsize(ckpt.path),
+        "format_version": meta["format_version"],
+        "model_config": ckpt.model_config.to_dict(),
+        "num_params": int(ckpt.model.num_params),
+        "iter": ckpt.iter,
+        "optimizer_step": meta.get("optimizer_step"),
+        "best_val_loss": meta.get("best_val_loss"),
+        "val_loss": meta.get("val_loss"),
+        "tokenizer": {"kind": ckpt.tokenizer.to_dict().get("kind"),
+                      "vocab_size": int(ckpt.tokenizer.vocab_size)},
+        "train_config": ckpt.train_config.to_dict() if ckpt.train_config else None,
+        "has_optimizer_state": ckpt.optimizer_state is not None,
+    }
