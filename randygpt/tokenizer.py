@@ -1,15 +1,29 @@
 """Tokenizers. Every tokenizer has the same small interface:
 
     encode(text) -> np.ndarray[int32]     decode(ids) -> str
-    vocab_size, bos_id, eos_id            to_dict() / tokenizer_from_dict(d)  (for checkpoints)
+    vocab_size, bos_id, eos_id, kind      to_dict() / tokenizer_from_dict(d)  (for checkpoints)
+
+CharTokenizer: one id per character of the training text. BPETokenizer: byte-level BPE
+trained with the Hugging Face `tokenizers` library; every Unicode string round-trips, since
+any character is a sequence of UTF-8 bytes and all 256 bytes are in the vocabulary.
+`tokenizers` is imported only when a BPE tokenizer is built or loaded, so commands that use
+a char checkpoint start fast.
 """
 from __future__ import annotations
+
+import json
+import os
+import re
 
 import numpy as np
 
 from .errors import UserError
 
 MAX_CHAR_VOCAB = 512
+BOS_TOKEN, EOS_TOKEN = "<|bos|>", "<|eos|>"
+DEFAULT_BPE_VOCAB = 1024
+MIN_BPE_VOCAB = 256 + 2          # every byte, plus BOS and EOS
+ENCODE_CHUNK_CHARS = 1 << 14     # BPE encodes a long text in pieces of about this many chars
 
 
 class CharTokenizer:
@@ -42,7 +56,7 @@ class CharTokenizer:
     def unknown_chars(self, text: str) -> list[str]:
         return sorted(set(text) - set(self.chars))
 
-    def encode(self, text: str) -> np.ndarray:
+    def encode(self, text: str, progress=None) -> np.ndarray:
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         inside = codes < len(self._table)
         ids = np.full(codes.shape, -1, dtype=np.int32)
@@ -52,6 +66,8 @@ class CharTokenizer:
             shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
             raise UserError(f"the text has {len(unknown)} character(s) the tokenizer does not "
                             f"know: {shown}; remove them or train a tokenizer that covers them")
+        if progress is not None:
+            progress(len(text))
         return ids
 
     def decode(self, ids) -> str:
@@ -61,9 +77,151 @@ class CharTokenizer:
     def to_dict(self) -> dict:
         return {"kind": self.kind, "chars": self.chars}
 
+    def to_hf_json(self) -> str:
+        """The same mapping as a `tokenizers` tokenizer.json: each character is a word of a
+        WordLevel model (split by a one-character regex), BOS/EOS are special tokens, and the
+        decoder fuses tokens without spaces. Unknown characters are an error there too."""
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+        tok = Tokenizer(models.WordLevel(dict(self.stoi), unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        tok.add_special_tokens([BOS_TOKEN, EOS_TOKEN])        # ids len(chars), len(chars) + 1
+        return tok.to_str()
+
+
+class BPETokenizer:
+    """Byte-level BPE (GPT-2 style pre-tokenization, no normalisation) from `tokenizers`.
+
+    The ids come from a `tokenizers.Tokenizer`; BOS and EOS are its special tokens, and the
+    text "<|eos|>" inside a document is encoded as ordinary bytes, never as the EOS id.
+    """
+
+    kind = "bpe"
+
+    def __init__(self, hf_json: str):
+        tokenizers = _import_tokenizers()
+        try:
+            self._tok = tokenizers.Tokenizer.from_str(hf_json)
+        except Exception as e:                      # the library raises plain Exceptions
+            raise UserError(f"the stored BPE tokenizer is not a valid tokenizer.json ({e}); "
+                            "the checkpoint is damaged: train or export it again") from None
+        # special tokens in the *text* are plain text: only we put BOS/EOS ids in the stream
+        self._tok.encode_special_tokens = True
+        self.hf_json = hf_json
+        self.bos_id = self._tok.token_to_id(BOS_TOKEN)
+        self.eos_id = self._tok.token_to_id(EOS_TOKEN)
+        if self.bos_id is None or self.eos_id is None:
+            raise UserError(f"the stored BPE tokenizer has no {BOS_TOKEN} / {EOS_TOKEN} tokens; "
+                            "it was not made by randyGPT: train a new one with --bpe")
+
+    @classmethod
+    def train(cls, texts, vocab_size: int = DEFAULT_BPE_VOCAB) -> "BPETokenizer":
+        """Learn merges from `texts` (a string or a list of documents; merges never span
+        two of them) up to vocab_size ids: 256 bytes + BOS + EOS + merges."""
+        if vocab_size < MIN_BPE_VOCAB:
+            raise UserError(f"--bpe {vocab_size} is too small: a byte-level vocabulary needs "
+                            f"at least {MIN_BPE_VOCAB} ids (256 bytes + BOS + EOS)")
+        tk = _import_tokenizers()
+        tok = tk.Tokenizer(tk.models.BPE())
+        tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = tk.decoders.ByteLevel()
+        trainer = tk.trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=[BOS_TOKEN, EOS_TOKEN], show_progress=False,
+            initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())   # all 256 bytes: no unknowns
+        tok.train_from_iterator([texts] if isinstance(texts, str) else texts, trainer)
+        return cls(tok.to_str())
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str, progress=None) -> np.ndarray:
+        """Ids of `text`. A long text is cut into pieces at points where the pre-tokenizer
+        splits anyway (see _safe_chunks), so the ids equal those of one encode call, but it
+        runs faster and `progress(n_chars)` can report as it goes."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(f"the text has a lone surrogate {text[e.start]!r} at {e.start}: "
+                            "it is not valid Unicode; fix the text's encoding") from None
+        # encode_batch_fast (tokenizers >= 0.20) skips computing offsets we never use
+        encode_batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        parts = []
+        for chunk in _safe_chunks(text, ENCODE_CHUNK_CHARS * 16):
+            pieces = _safe_chunks(chunk, ENCODE_CHUNK_CHARS)
+            parts.extend(np.asarray(e.ids, dtype=np.int32)
+                         for e in encode_batch(pieces, add_special_tokens=False))
+            if progress is not None:
+                progress(len(chunk))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+
+    def decode(self, ids) -> str:
+        """Text of `ids`; BOS/EOS have no text. A slice that cuts a multi-byte character
+        decodes that character as U+FFFD."""
+        return self._tok.decode(np.asarray(ids, dtype=np.int64).tolist(), skip_special_tokens=True)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "tokenizer_json": self.hf_json}
+
+    def to_hf_json(self) -> str:
+        return self.hf_json
+
 
 def tokenizer_from_dict(d: dict):
-    kind = d.get("kind")
+    kind = d.get("kind") if isinstance(d, dict) else None
     if kind == "char":
         return CharTokenizer(d["chars"])
+    if kind == "bpe":
+        if not isinstance(d.get("tokenizer_json"), str):
+            raise UserError("the stored BPE tokenizer has no tokenizer_json; the checkpoint is "
+                            "damaged: train it again")
+        return BPETokenizer(d["tokenizer_json"])
     raise UserError(f"unknown tokenizer kind {kind!r}")
+
+
+def export_tokenizer_json(tokenizer, path: str) -> None:
+    """Write `tokenizer` as a standard tokenizer.json (loadable by tokenizers.Tokenizer.from_file),
+    atomically: a temporary file in the same folder, then a rename."""
+    text = json.dumps(json.loads(tokenizer.to_hf_json()), ensure_ascii=False, indent=2)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"cannot write {path!r}: folder {folder!r} does not exist")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write {path!r}: {e.strerror}") from None
+
+
+# The GPT-2 pre-tokenizer regex never puts "\n" together with a following non-space character,
+# nor with a preceding one: after "X\n" (X printable ASCII, not space) followed by printable
+# ASCII, a new pre-token starts whatever the left context, and the "\n" is a pre-token alone
+# whether or not the text ends right after it. ASCII only, so Unicode whitespace tables of
+# Python and Rust cannot disagree. tests/test_tokenizer.py checks the ids are unchanged.
+_SAFE_CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~])")
+
+
+def _safe_chunks(text: str, size: int) -> list[str]:
+    """`text` in consecutive pieces of about `size` characters, cut only at safe points."""
+    pieces, i = [], 0
+    while i < len(text):
+        j = i + size
+        if j < len(text):
+            cut = _SAFE_CUT.search(text, j)
+            j = cut.start() if cut else len(text)
+        pieces.append(text[i:j])
+        i = j
+    return pieces
+
+
+def _import_tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise UserError("BPE needs the 'tokenizers' package: pip install 'tokenizers>=0.15'") \
+            from None
+    return tokenizers
