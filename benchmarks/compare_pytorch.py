@@ -1,0 +1,470 @@
+"""randyGPT vs PyTorch on this CPU: training tokens/s, MFU, peak memory, generation tokens/s.
+
+    .venv/bin/python benchmarks/compare_pytorch.py [--configs A B] [--rounds 5]
+        [--round-seconds 4] [--no-reference] [--no-generation]
+
+Configs: A = the small preset (6L/128d/8h, block 64, batch 32), B = 6L/256d/8h, block 256,
+batch 64; vocabulary 67 (Tiny Shakespeare's characters + BOS/EOS), dropout 0.1, AdamW
+(0.9, 0.99, eps 1e-8, weight decay 0.01 on matrices only), global-norm clipping at 1.0.
+
+Each implementation trains in its own subprocess, so each has its own peak RSS (whole process,
+imports included) and its own thread pools: randyGPT with the fused numba kernels (the path
+`randygpt train` uses), randyGPT's readable NumPy reference, and a PyTorch model of the same
+architecture (eager, F.scaled_dot_product_attention, F.rms_norm, fused AdamW,
+clip_grad_norm_). After warm-up steps the parent runs rounds: in each, every implementation
+in turn (the order rotates) trains for about --round-seconds while the others sit idle. It
+prints the median tokens/s per implementation and the median of the per-round ratios.
+
+Before timing, one small check shows the PyTorch model is the same function: from the same
+weights it gives randyGPT's loss and gradients.
+
+MFU = training FLOPs per token x tokens/s / peak, with FLOPs per token = 6 x (parameters
+outside the two embedding tables) + 12 x layers x block x dim (attention scores and their
+weighted sum, forward and backward, as in the PaLM paper's accounting), and the peak = the
+best float32 matmul rate (2048^3, NumPy/OpenBLAS and PyTorch/MKL) measured in the same run.
+PyTorch is optional: without it the script says so and reports randyGPT alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+DATA = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt")
+CONFIGS = {
+    "A": dict(n_layer=6, n_embd=128, n_head=8, block_size=64, batch_size=32),
+    "B": dict(n_layer=6, n_embd=256, n_head=8, block_size=256, batch_size=64),
+}
+VOCAB, DROPOUT, LR, BETAS, EPS, WD, CLIP = 67, 0.1, 1e-3, (0.9, 0.99), 1e-8, 0.01, 1.0
+IMPL_NAMES = {"fused": "randyGPT fused", "reference": "randyGPT reference", "torch": "PyTorch"}
+
+
+def have_torch() -> bool:
+    try:
+        import importlib.util
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def token_stream(n=200_000):
+    """Tiny Shakespeare as ids 0..65 when it is here, else random ids (speed is the same)."""
+    import numpy as np
+    if os.path.exists(DATA):
+        text = open(DATA, encoding="utf-8").read()[:n]
+        chars = sorted(set(text))
+        return np.array([chars.index(c) for c in text], dtype=np.int64) % VOCAB
+    return np.random.default_rng(0).integers(0, VOCAB, n)
+
+
+def batches(tokens, B, T, seed):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    while True:
+        starts = rng.integers(0, len(tokens) - T - 1, B)
+        rows = starts[:, None] + np.arange(T)
+        yield tokens[rows], tokens[rows + 1]
+
+
+def flops_per_token(cfg) -> float:
+    C, L, T = cfg["n_embd"], cfg["n_layer"], cfg["block_size"]
+    non_embedding = L * (12 * C * C + 2 * C) + C + C * VOCAB
+    return 6 * non_embedding + 12 * L * T * C
+
+
+def sgemm_peak(matmul, make, n=2048, repeats=5) -> float:
+    """Best float32 GFLOP/s of an n x n x n matmul."""
+    a, b = make(n), make(n)
+    matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+# --------------------------------------------------------------------------------------------
+# Workers: one implementation, one config, in its own process. They read commands on stdin
+# ("run N" -> train N steps; "quit") and answer one JSON line each on stdout.
+
+def randygpt_trainer(cfg, impl):
+    import numpy as np
+    from randygpt.config import ModelConfig
+    from randygpt.model import GPT
+    from randygpt.optim import AdamW, clip_grad_norm
+    if impl == "fused":
+        from randygpt.ops import fused as ops
+        from randygpt.optim import FusedAdamW as Optimizer
+    else:
+        from randygpt.ops import reference as ops
+        Optimizer = AdamW
+    mcfg = ModelConfig(vocab_size=VOCAB, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
+                       n_embd=cfg["n_embd"], n_head=cfg["n_head"], dropout=DROPOUT)
+    model = GPT(mcfg, seed=0, ops=ops)
+    opt = Optimizer(model.params.flat, model.decay_mask(), *BETAS, eps=EPS, weight_decay=WD)
+    data = batches(token_stream(), cfg["batch_size"], cfg["block_size"], seed=1)
+    dropout_rng = np.random.default_rng(2)
+
+    def step():
+        x, y = next(data)
+        _, loss = model.forward(x, y, rng=dropout_rng)
+        model.backward()
+        clip_grad_norm(model.grads.flat, CLIP)
+        opt.step(model.grads.flat, LR)
+        return loss
+    return step
+
+
+def torch_model(cfg):
+    """The randyGPT architecture in PyTorch. Weights are stored (in, out) like randyGPT's."""
+    import torch
+    import torch.nn.functional as F
+    C, H, L, T = cfg["n_embd"], cfg["n_head"], cfg["n_layer"], cfg["block_size"]
+
+    class GPT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            P = torch.nn.Parameter
+            self.wte, self.wpe = P(torch.randn(VOCAB, C) * 0.02), P(torch.randn(T, C) * 0.02)
+            self.ln1 = torch.nn.ParameterList([P(torch.ones(C)) for _ in range(L)])
+            self.qkv = torch.nn.ParameterList([P(torch.randn(C, 3 * C) * 0.02) for _ in range(L)])
+            self.proj = torch.nn.ParameterList([P(torch.randn(C, C) * 0.02) for _ in range(L)])
+            self.ln2 = torch.nn.ParameterList([P(torch.ones(C)) for _ in range(L)])
+            self.fc = torch.nn.ParameterList([P(torch.randn(C, 4 * C) * 0.02) for _ in range(L)])
+            self.mlp = torch.nn.ParameterList([P(torch.randn(4 * C, C) * 0.02) for _ in range(L)])
+            self.ln_f, self.lm_head = P(torch.ones(C)), P(torch.randn(C, VOCAB) * 0.02)
+
+        def forward(self, idx, targets, dropout):
+            B, Tn = idx.shape
+            x = self.wte[idx] + self.wpe[:Tn]
+            for i in range(L):
+                qkv = F.rms_norm(x, (C,), self.ln1[i], 1e-5) @ self.qkv[i]
+                q, k, v = qkv.view(B, Tn, 3, H, C // H).permute(2, 0, 3, 1, 4)
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                y = y.transpose(1, 2).reshape(B, Tn, C)
+                x = x + F.dropout(y @ self.proj[i], dropout, self.training)
+                h = F.relu(F.rms_norm(x, (C,), self.ln2[i], 1e-5) @ self.fc[i]).square()
+                x = x + F.dropout(h @ self.mlp[i], dropout, self.training)
+            logits = F.rms_norm(x, (C,), self.ln_f, 1e-5) @ self.lm_head
+            return F.cross_entropy(logits.view(-1, VOCAB), targets.reshape(-1))
+
+        def load_randygpt(self, params):
+            """Copy a randyGPT model's weights (params: name -> array)."""
+            with torch.no_grad():
+                self.wte.copy_(torch.from_numpy(params["wte"]))
+                self.wpe.copy_(torch.from_numpy(params["wpe"]))
+                for i in range(L):
+                    for mine, theirs in ((self.ln1, "ln1.g"), (self.qkv, "attn.qkv"),
+                                         (self.proj, "attn.proj"), (self.ln2, "ln2.g"),
+                                         (self.fc, "mlp.fc"), (self.mlp, "mlp.proj")):
+                        mine[i].copy_(torch.from_numpy(params[f"h.{i}.{theirs}"]))
+                self.ln_f.copy_(torch.from_numpy(params["ln_f.g"]))
+                self.lm_head.copy_(torch.from_numpy(params["lm_head"]))
+
+    return GPT()
+
+
+def torch_optimizer(model):
+    import torch
+    decay = [p for p in model.parameters() if p.dim() == 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS, fused=True), "fused"
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS), "default"
+
+
+def torch_trainer(cfg):
+    import torch
+    torch.manual_seed(0)
+    model = torch_model(cfg)
+    opt, _ = torch_optimizer(model)
+    data = batches(token_stream(), cfg["batch_size"], cfg["block_size"], seed=1)
+
+    def step():
+        x, y = next(data)
+        loss = model(torch.from_numpy(x), torch.from_numpy(y), DROPOUT)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        return loss.item()
+    return step
+
+
+def worker(impl, config_name, warmup):
+    t_start = time.perf_counter()
+    cfg = CONFIGS[config_name]
+    step = torch_trainer(cfg) if impl == "torch" else randygpt_trainer(cfg, impl)
+    t0 = time.perf_counter()
+    step()                                           # numba: compile or load the cache here
+    first_step = time.perf_counter() - t0
+    warm = []
+    for _ in range(warmup):
+        t0 = time.perf_counter()
+        step()
+        warm.append(time.perf_counter() - t0)
+    info = dict(ready=True, startup_s=t_start - float(os.environ.get("RANDYGPT_BENCH_T0", t_start)),
+                setup_s=time.perf_counter() - t_start, first_step_s=first_step,
+                step_s=statistics.median(warm) if warm else first_step)
+    if impl == "torch":
+        import torch
+        info.update(threads=torch.get_num_threads(),
+                    peak_gflops=sgemm_peak(torch.mm, lambda n: torch.randn(n, n)))
+    print(json.dumps(info), flush=True)
+    tokens_per_step = cfg["batch_size"] * cfg["block_size"]
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[0] == "run":
+            n = int(cmd[1])
+            t0 = time.perf_counter()
+            for _ in range(n):
+                loss = step()
+            dt = time.perf_counter() - t0
+            print(json.dumps(dict(tokens_per_s=n * tokens_per_step / dt, steps=n, seconds=dt,
+                                  loss=float(loss))), flush=True)
+        elif cmd[0] == "quit":
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024    # KiB -> MiB
+            print(json.dumps(dict(peak_rss_mb=rss)), flush=True)
+            return
+
+
+def check_same_model():
+    """The PyTorch model and randyGPT on the same weights and batch (no dropout, float64):
+    largest relative differences of the loss and of the gradients."""
+    import numpy as np
+    import torch
+    from randygpt.config import ModelConfig
+    from randygpt.model import GPT
+    cfg = dict(n_layer=2, n_embd=32, n_head=4, block_size=16, batch_size=3)
+    mcfg = ModelConfig(vocab_size=VOCAB, block_size=16, n_layer=2, n_embd=32, n_head=4)
+    ours = GPT(mcfg, seed=3, dtype=np.float64)
+    theirs = torch_model(cfg).double()
+    theirs.load_randygpt({n: ours.params[n] for n in ours.params.names()})
+    x, y = next(batches(token_stream(5000), 3, 16, seed=4))
+    loss = ours.forward(x, y)[1]
+    ours.backward()
+    t_loss = theirs(torch.from_numpy(x), torch.from_numpy(y), 0.0)
+    t_loss.backward()
+    t_grads = dict(wte=theirs.wte.grad, lm_head=theirs.lm_head.grad, ln_f=theirs.ln_f.grad)
+    for i in range(2):
+        t_grads[f"qkv{i}"], t_grads[f"fc{i}"] = theirs.qkv[i].grad, theirs.fc[i].grad
+    ours_grads = dict(wte=ours.grads["wte"], lm_head=ours.grads["lm_head"],
+                      ln_f=ours.grads["ln_f.g"])
+    for i in range(2):
+        ours_grads[f"qkv{i}"] = ours.grads[f"h.{i}.attn.qkv"]
+        ours_grads[f"fc{i}"] = ours.grads[f"h.{i}.mlp.fc"]
+    grad_err = max(float(np.abs(ours_grads[k] - t_grads[k].numpy()).max()
+                         / np.abs(ours_grads[k]).max()) for k in ours_grads)
+    return abs(loss - float(t_loss)) / abs(loss), grad_err
+
+
+def generation_worker(impl, n_tokens):
+    """Single-stream tokens/s on config A's shape: randyGPT's KV-cache decoder (the path of
+    `randygpt generate`), or PyTorch nanoGPT-style (full forward over the window per token)."""
+    import numpy as np
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from randygpt.config import ModelConfig
+    from randygpt.model import GPT
+    cfg = CONFIGS["A"]
+    mcfg = ModelConfig(vocab_size=VOCAB, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
+                       n_embd=cfg["n_embd"], n_head=cfg["n_head"], dropout=0.0)
+    model = GPT(mcfg, seed=0)
+    prompt = list(range(1, 17))
+    if impl == "torch":
+        from bench_generate import torch_peer
+        rate = torch_peer(model, prompt, n_tokens)[0]
+    else:
+        from randygpt.sample import SamplingConfig, generate_ids
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            made = sum(1 for _ in generate_ids(model, prompt, n_tokens,
+                                               SamplingConfig(temperature=0.8),
+                                               np.random.default_rng(0)))
+            best = min(best, time.perf_counter() - t0)
+        rate = made / best
+    print(json.dumps(dict(tokens_per_s=rate)), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The parent: start workers, alternate rounds, print the table.
+
+class Worker:
+    def __init__(self, impl, config_name, warmup):
+        env = dict(os.environ, PYTHONPATH=ROOT, RANDYGPT_BENCH_T0=repr(time.perf_counter()))
+        self.impl = impl
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--worker", impl, "--config",
+             config_name, "--warmup", str(warmup)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.info = self.read()
+
+    def read(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"the {self.impl} worker died (exit code {self.proc.wait()})")
+        return json.loads(line)
+
+    def ask(self, command):
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self):
+        out = self.ask("quit")
+        self.proc.wait()
+        return out
+
+
+def run_config(name, impls, rounds, round_seconds, peak):
+    cfg = CONFIGS[name]
+    print(f"\nconfig {name}: {cfg['n_layer']}L/{cfg['n_embd']}d/{cfg['n_head']}h, block "
+          f"{cfg['block_size']}, batch {cfg['batch_size']}: "
+          f"{flops_per_token(cfg) / 1e6:.2f} MFLOP per token", flush=True)
+    workers = []
+    try:
+        for impl in impls:          # one at a time, so start-up is not timed under load
+            w = Worker(impl, name, warmup=2)
+            workers.append(w)
+            print(f"  {IMPL_NAMES[impl]:<19} ready: first step {w.info['first_step_s']:.2f} s, "
+                  f"then {w.info['step_s'] * 1000:.0f} ms/step", flush=True)
+        if "torch" in impls:
+            peak = max(peak, workers[impls.index("torch")].info["peak_gflops"])
+        rates = {w.impl: [] for w in workers}
+        for r in range(rounds):
+            order = workers[r % len(workers):] + workers[:r % len(workers)]
+            for w in order:
+                time.sleep(0.3)     # let the previous worker's threads go idle
+                n = max(1, round(round_seconds / w.info["step_s"]))
+                rates[w.impl].append(w.ask(f"run {n}")["tokens_per_s"])
+            print(f"  round {r + 1}: " + ", ".join(f"{IMPL_NAMES[i]} {rates[i][-1]:,.0f}"
+                                                  for i in rates), flush=True)
+        rss = {w.impl: w.close()["peak_rss_mb"] for w in workers}
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+    result = {}
+    for impl in rates:
+        med = statistics.median(rates[impl])
+        result[impl] = dict(tokens_per_s=med, mfu=med * flops_per_token(cfg) / (peak * 1e9),
+                            peak_rss_mb=rss[impl], first_step_s=workers[impls.index(impl)]
+                            .info["first_step_s"])
+    if "torch" in rates:
+        for impl in rates:
+            ratios = [a / b for a, b in zip(rates[impl], rates["torch"])]
+            result[impl]["ratio"] = statistics.median(ratios)
+    return result, peak
+
+
+def startup_times():
+    """Seconds to the end of the first fused training step (config A) with an empty numba
+    cache and then with the cache written by that run."""
+    import tempfile
+    times = []
+    with tempfile.TemporaryDirectory() as cache:
+        for _ in range(2):
+            env = dict(os.environ, PYTHONPATH=ROOT, NUMBA_CACHE_DIR=cache)
+            t0 = time.perf_counter()
+            p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", "fused",
+                                  "--config", "A", "--warmup", "0"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True, env=env)
+            p.stdout.readline()
+            times.append(time.perf_counter() - t0)
+            p.communicate("quit\n")
+    return times
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", nargs="+", default=["A", "B"], choices=list(CONFIGS))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--round-seconds", type=float, default=4.0,
+                    help="training time per implementation per round")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="skip randyGPT's NumPy reference (it is slow on config B)")
+    ap.add_argument("--no-generation", action="store_true")
+    ap.add_argument("--no-startup", action="store_true",
+                    help="skip the cold/warm numba cache start-up measurement")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    ap.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
+    ap.add_argument("--generate", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker and args.generate:
+        return generation_worker(args.worker, args.generate)
+    if args.worker:
+        return worker(args.worker, args.config, args.warmup)
+
+    import numpy as np
+    torch_ok = have_torch()
+    impls = ["fused"] + ([] if args.no_reference else ["reference"]) + (["torch"] if torch_ok else [])
+    print(f"{os.cpu_count()} CPU(s); numpy {np.__version__}; "
+          + (f"torch {__import__('torch').__version__}" if torch_ok else
+             "PyTorch is not installed: reporting randyGPT alone "
+             "(`.venv/bin/pip install torch==2.13.0` adds the comparison)"))
+    if torch_ok:
+        rel_loss, rel_grad = subprocess_check()
+        print(f"same model check (float64, same weights and batch): PyTorch's loss differs by "
+              f"{rel_loss:.1e}, its gradients by {rel_grad:.1e} (relative)")
+    peak = sgemm_peak(np.matmul, lambda n: np.random.default_rng(0).standard_normal(
+        (n, n), dtype=np.float32))
+    print(f"float32 matmul peak (2048^3, NumPy): {peak:.0f} GFLOP/s")
+
+    results = {}
+    for name in args.configs:
+        results[name], peak = run_config(name, impls, args.rounds, args.round_seconds, peak)
+
+    print(f"\nmedians over {args.rounds} alternating rounds; MFU against a {peak:.0f} GFLOP/s "
+          "float32 matmul peak:")
+    print(f"{'config':<7}{'implementation':<20}{'tokens/s':>10}{'vs PyTorch':>12}{'MFU':>7}"
+          f"{'peak RSS':>11}")
+    for name, res in results.items():
+        for impl, r in res.items():
+            ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
+            print(f"{name:<7}{IMPL_NAMES[impl]:<20}{r['tokens_per_s']:>10,.0f}{ratio:>12}"
+                  f"{r['mfu'] * 100:>6.1f}%{r['peak_rss_mb']:>8,.0f} MiB")
+        if "torch" in res:
+            print(f"{'':<7}memory: randyGPT fused uses "
+                  f"{res['fused']['peak_rss_mb'] / res['torch']['peak_rss_mb']:.2f}x PyTorch's "
+                  "peak RSS")
+
+    if not args.no_startup:
+        cold, warm = startup_times()
+        print(f"\nstart-up to the end of the first fused training step (config A): "
+              f"{cold:.1f} s with an empty numba cache (compiling), {warm:.1f} s with it warm")
+    if not args.no_generation:
+        print("\nsingle-stream generation, config A shape, 500 tokens, best of 3:")
+        for impl in ["randygpt"] + (["torch"] if torch_ok else []):
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", impl,
+                                  "--generate", "500"], capture_output=True, text=True,
+                                 env=dict(os.environ, PYTHONPATH=ROOT))
+            rate = json.loads(out.stdout.splitlines()[-1])["tokens_per_s"] if out.returncode == 0 \
+                else float("nan")
+            label = ("randyGPT (KV cache, `randygpt generate`'s path)" if impl == "randygpt"
+                     else "PyTorch (nanoGPT-style, no cache)")
+            print(f"  {label:<50} {rate:>8,.0f} tokens/s")
+
+
+def subprocess_check():
+    out = subprocess.run([sys.executable, "-c",
+                          "import sys; sys.path.insert(0, sys.argv[1]); "
+                          "import compare_pytorch as c; print(*c.check_same_model())",
+                          os.path.dirname(os.path.abspath(__file__))],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT),
+                         check=True)
+    return tuple(float(v) for v in out.stdout.split())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,546 @@
+"""Fast twins of ops/reference.py for the training hot path: numba kernels, same signatures.
+
+`GPT(cfg, ops=fused)` runs on these instead of the readable reference. Each function returns
+exactly what its reference twin returns (output and gradients), to float32 round-off; only
+the opaque caches passed from a forward to its backward differ, and they are smaller:
+
+  - linear: x is reshaped to 2-D so BLAS gets one large sgemm instead of one per batch item.
+  - attention never stores the (B, H, T, T) probabilities: forward keeps the log-sum-exp of
+    each row (B, H, T) and backward recomputes the probabilities from it (the flash-attention
+    idea), so memory is O(T) per row instead of O(T^2) per layer.
+  - rmsnorm keeps its input, squared ReLU its output (relu(x) = sqrt(relu(x)^2)): no second
+    derived array.
+  - dropout keeps a 1-byte keep-mask; its uniforms are drawn by the caller's NumPy Generator
+    exactly as the reference draws them, so both paths drop the same units.
+  - cross-entropy keeps the logits and one log-sum-exp per row, not a probability matrix.
+
+Kernels are compiled on first use and cached on disk (`cache=True`, next to this file or in
+NUMBA_CACHE_DIR). Elementwise kernels run rows in parallel (`prange`); float32 and float64
+arrays both work (float64 for the finite-difference tests), with `fastmath` allowing the
+reassociation that vectorised reductions need.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .reference import residual_backward, residual_forward  # noqa: F401  (nothing to fuse)
+
+# No nnan/ninf: a diverging run must still produce the inf/nan that train() checks for.
+_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+_jit = njit(cache=True, fastmath=_FASTMATH, error_model="numpy")
+_pjit = njit(cache=True, fastmath=_FASTMATH, error_model="numpy", parallel=True)
+
+_CHUNKS = 16   # work chunks of parallel loops: fixed, so results do not depend on threads
+
+# The attention tiles need LLVM's SLP (straight-line) vectoriser, which numba leaves off by
+# default; it is read at each compilation, so this must run before the first one.
+numba.config.SLP_VECTORIZE = 1
+
+
+def _rows(x):
+    """x (..., D) -> a C-contiguous (N, D) view (or copy)."""
+    return np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# A fast exp for softmax: inputs are <= 0 (max-shifted). exp(x) = 2^k * e^f with
+# k = round(x / ln2), |f| <= ln2/2, e^f from a degree-6 Taylor polynomial (relative error
+# < 2e-7 in float32), and 2^k added straight into the float's exponent bits. Written as two
+# plain loops so LLVM vectorises both; float64 arrays use the exact math.exp.
+
+@_jit
+def _exp_inplace(s, n, ibuf):
+    # s (>= n,) values <= 0; ibuf (>= n,) int32 scratch
+    if s.itemsize != 4:                                     # float64: exact
+        for j in range(n):
+            s[j] = math.exp(s[j])
+        return
+    bits = s.view(np.int32)
+    for j in range(n):
+        x = max(s[j], np.float32(-87.0))                   # below this exp underflows float32
+        k = math.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+        f = x - k * np.float32(0.693145751953125)          # ln2 split in two (Cody-Waite)
+        f = f - k * np.float32(1.428606765330187e-06)
+        p = np.float32(1.0 / 720.0)
+        p = p * f + np.float32(1.0 / 120.0)
+        p = p * f + np.float32(1.0 / 24.0)
+        p = p * f + np.float32(1.0 / 6.0)
+        p = p * f + np.float32(0.5)
+        p = p * f + np.float32(1.0)
+        p = p * f + np.float32(1.0)
+        s[j] = p
+        ibuf[j] = np.int32(k) << 23
+    for j in range(n):
+        bits[j] += ibuf[j]
+
+
+def fast_exp(x):
+    """exp of an array of values <= 0 through the kernel above (for tests)."""
+    out = np.array(x, copy=True).reshape(-1)
+    _exp_inplace(out, out.size, np.empty(out.size, np.int32))
+    return out.reshape(np.shape(x))
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding: out[b, t] = wte[idx[b, t]] + wpe[t]
+
+@_jit
+def _embedding_forward(wte, wpe, idx, out):
+    B, T = idx.shape
+    for b in range(B):
+        for t in range(T):
+            out[b, t] = wte[idx[b, t]] + wpe[t]
+
+
+def embedding_forward(wte, wpe, idx):
+    # wte (V, C), wpe (block_size, C), idx (B, T) int -> out (B, T, C)
+    out = np.empty(idx.shape + (wte.shape[1],), dtype=wte.dtype)
+    _embedding_forward(wte, wpe, np.ascontiguousarray(idx), out)
+    return out
+
+
+@_jit
+def _embedding_backward(dout, idx, dwte, dwpe):
+    B, T, C = dout.shape
+    for b in range(B):
+        for t in range(T):
+            dwte[idx[b, t]] += dout[b, t]
+            dwpe[t] += dout[b, t]
+
+
+def embedding_backward(dout, idx, vocab_size, block_size):
+    # dout (B, T, C) -> dwte (V, C), dwpe (block_size, C): scatter-add, as the reference
+    C = dout.shape[-1]
+    dwte = np.zeros((vocab_size, C), dtype=dout.dtype)
+    dwpe = np.zeros((block_size, C), dtype=dout.dtype)
+    _embedding_backward(np.ascontiguousarray(dout), np.ascontiguousarray(idx), dwte, dwpe)
+    return dwte, dwpe
+
+
+# --------------------------------------------------------------------------------------------
+# RMSNorm: out = g * x * r, r = (mean(x^2) + eps)^-1/2. Cache: (x, r); backward recomputes
+# xhat = x * r, then dx = r * (dxhat - xhat * mean(dxhat * xhat)), dxhat = dout * g.
+
+@_pjit
+def _rmsnorm_forward(x, g, eps, out, rstd):
+    N, C = x.shape
+    for i in prange(N):
+        ss = x[i, 0] * 0
+        for c in range(C):
+            ss += x[i, c] * x[i, c]
+        r = 1.0 / math.sqrt(ss / C + eps)
+        rstd[i] = r
+        for c in range(C):
+            out[i, c] = x[i, c] * r * g[c]
+
+
+def rmsnorm_forward(x, g, eps=1e-5):
+    # x (..., C), g (C,) -> out (..., C)
+    x2 = _rows(x)
+    out = np.empty_like(x2)
+    rstd = np.empty(x2.shape[0], dtype=x.dtype)
+    _rmsnorm_forward(x2, g, x.dtype.type(eps), out, rstd)
+    return out.reshape(x.shape), (x2, rstd)
+
+
+@_pjit
+def _rmsnorm_backward(dout, g, x, rstd, dx, dg_parts):
+    N, C = x.shape
+    chunk = (N + _CHUNKS - 1) // _CHUNKS
+    for k in prange(_CHUNKS):
+        for i in range(k * chunk, min(N, (k + 1) * chunk)):
+            r = rstd[i]
+            dot = x[i, 0] * 0                                  # sum(dxhat * xhat)
+            for c in range(C):
+                xhat = x[i, c] * r
+                dot += dout[i, c] * g[c] * xhat
+                dg_parts[k, c] += dout[i, c] * xhat
+            mean = dot / C
+            for c in range(C):
+                dx[i, c] = r * (dout[i, c] * g[c] - x[i, c] * r * mean)
+
+
+def rmsnorm_backward(dout, g, cache):
+    x2, rstd = cache
+    d2 = _rows(dout)
+    dx = np.empty_like(d2)
+    dg_parts = np.zeros((_CHUNKS, x2.shape[1]), dtype=x2.dtype)
+    _rmsnorm_backward(d2, g, x2, rstd, dx, dg_parts)
+    return dx.reshape(dout.shape), dg_parts.sum(axis=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Linear (no bias): the reference's math, but on 2-D views. NumPy's matmul of a (B, T, IN)
+# array runs one small sgemm per batch item; one (B*T, IN) @ (IN, OUT) sgemm is 1.5-2x faster.
+
+def linear_forward(x, w):
+    # x (..., IN), w (IN, OUT) -> out (..., OUT)
+    return (_rows(x) @ w).reshape(x.shape[:-1] + (w.shape[1],))
+
+
+def linear_backward(dout, x, w):
+    # dx = dout @ W^T ;  dW = x^T dout over all positions
+    d2, x2 = _rows(dout), _rows(x)
+    dx = (d2 @ w.T).reshape(x.shape)
+    return dx, x2.T @ d2
+
+
+# --------------------------------------------------------------------------------------------
+# Causal self-attention as small matrix products on register tiles.
+#
+# Per (batch item, head), with q pre-scaled by s = 1/sqrt(hs):
+#   forward:  S = q k^T;  P = softmax(S masked to j <= t);  y = P v;  lse_t = log sum_j e^S_tj
+#   backward: P again from lse (nothing T x T is kept between the passes);  dP = dy v^T;
+#             dS = P * (dP - D) with D_t = sum_j P_tj dP_tj = dy_t . y_t;
+#             dq = s dS k;  dk = dS^T (s q);  dv = P^T dy
+# Every product is done by `_tile_product`, which keeps a 4 x 16 block of the result in
+# registers while it runs down the shared dimension (LLVM's SLP vectoriser turns each row of
+# the block into one vector FMA). Blocks above the diagonal are skipped: S, P and dS are only
+# computed for key columns up to the 16-aligned end of each 4-row block. The (T, T) matrices
+# live in per-chunk scratch for one (batch item, head) at a time, never for the whole batch.
+
+_TILE_ROWS, _TILE_COLS = 4, 16
+
+
+@intrinsic
+def _stack_tile_pointer(typingctx, dtype):
+    """A 4 x 16 scratch block on the stack (an alloca, which LLVM promotes to registers)."""
+    def codegen(context, builder, signature, args):
+        size = context.get_constant(types.intp, _TILE_ROWS * _TILE_COLS)
+        return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=size)
+    return types.CPointer(dtype.dtype)(dtype), codegen
+
+
+# fastmath without reassoc: the k loop must stay a scalar loop of 16-wide vector FMAs, not be
+# vectorised across k (which reassociation would allow and which is much slower)
+@njit(cache=True, fastmath={"contract"}, error_model="numpy")
+def _tile_product(a, a0, a_transposed, b, b0, k0, k1, dst, d0, dcol, nrows, ncols, scale):
+    """dst[d0 + r, dcol + c] = scale * sum_{k0 <= k < k1} A[r, k] * b[k, b0 + c] for r < nrows,
+    c < ncols, where A[r, k] = a[a0 + r, k], or a[k, a0 + r] when a_transposed."""
+    acc = numba.carray(_stack_tile_pointer(a.dtype), (_TILE_ROWS, _TILE_COLS))
+    for r in range(_TILE_ROWS):
+        for c in range(_TILE_COLS):
+            acc[r, c] = 0
+    if a_transposed:
+        for k in range(k0, k1):
+            a_col = a[k, a0:a0 + _TILE_ROWS]
+            b_row = b[k, b0:b0 + _TILE_COLS]
+            for r in range(_TILE_ROWS):
+                for c in range(_TILE_COLS):
+                    acc[r, c] += a_col[r] * b_row[c]
+    else:
+        for k in range(k0, k1):
+            b_row = b[k, b0:b0 + _TILE_COLS]
+            for r in range(_TILE_ROWS):
+                a_rk = a[a0 + r, k]
+                for c in range(_TILE_COLS):
+                    acc[r, c] += a_rk * b_row[c]
+    for r in range(min(_TILE_ROWS, nrows)):
+        out = dst[d0 + r]
+        for c in range(min(_TILE_COLS, ncols)):
+            out[dcol + c] = acc[r, c] * scale
+
+
+@njit(inline="always")
+def _round_up(n, m):
+    return (n + m - 1) // m * m
+
+
+@njit(inline="always")
+def _key_end(t0, T):
+    """Key columns a 4-row block starting at query t0 needs: up to its last row's diagonal,
+    rounded up to whole 16-column tiles."""
+    return min(_round_up(T, _TILE_COLS), _round_up(t0 + _TILE_ROWS, _TILE_COLS))
+
+
+@_pjit
+def _attention_forward(qkv, n_head, out, lse):
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    hs = C // n_head
+    hp = _round_up(hs, _TILE_COLS)                     # head size padded to whole tiles
+    Tr, Tc = _round_up(T, _TILE_ROWS), _round_up(T, _TILE_COLS)
+    dt = qkv.dtype
+    scale, one = dt.type(1.0 / math.sqrt(hs)), dt.type(1.0)
+    pairs = B * n_head
+    per_chunk = (pairs + _CHUNKS - 1) // _CHUNKS
+    for chunk in prange(_CHUNKS):
+        q = np.zeros((Tr, hp), dtype=dt)               # this head's q (scaled), k^T and v,
+        kt = np.zeros((hp, Tc), dtype=dt)              # zero-padded to whole tiles
+        v = np.zeros((Tc, hp), dtype=dt)
+        P = np.empty((Tr, Tc), dtype=dt)               # scores, then probabilities
+        ibuf = np.empty(Tc, dtype=np.int32)
+        for bh in range(chunk * per_chunk, min(pairs, (chunk + 1) * per_chunk)):
+            b, h = bh // n_head, bh % n_head
+            qo, ko, vo = h * hs, C + h * hs, 2 * C + h * hs
+            x, y = qkv[b], out[b]                      # (T, 3C), (T, C)
+            for t in range(T):
+                for d in range(hs):
+                    q[t, d] = x[t, qo + d] * scale
+                    kt[d, t] = x[t, ko + d]
+                    v[t, d] = x[t, vo + d]
+            for t0 in range(0, Tr, _TILE_ROWS):
+                jend = _key_end(t0, T)
+                for j0 in range(0, jend, _TILE_COLS):                      # S = q k^T
+                    _tile_product(q, t0, False, kt, j0, 0, hs, P, t0, j0, 4, 16, one)
+                for t in range(t0, t0 + _TILE_ROWS):                       # softmax rows
+                    row = P[t]
+                    if t >= T:
+                        row[:jend] = 0.0
+                        continue
+                    m = row[0]
+                    for j in range(1, t + 1):
+                        m = max(m, row[j])
+                    for j in range(jend):
+                        row[j] -= m
+                    _exp_inplace(row, jend, ibuf)
+                    row[t + 1:jend] = 0.0                                  # the future
+                    total = row[0] * 0
+                    for j in range(t + 1):
+                        total += row[j]
+                    lse[b, h, t] = m + math.log(total)
+                    inv = one / total
+                    for j in range(t + 1):
+                        row[j] *= inv
+                for d0 in range(0, hs, _TILE_COLS):                        # y = P v
+                    _tile_product(P, t0, False, v, d0, 0, jend, y, t0, qo + d0, T - t0,
+                                  hs - d0, one)
+
+
+def attention_forward(qkv, n_head):
+    # qkv (B, T, 3C) -> out (B, T, C); cache (qkv, out, lse (B, H, T), n_head)
+    qkv = np.ascontiguousarray(qkv)
+    B, T, C3 = qkv.shape
+    out = np.empty((B, T, C3 // 3), dtype=qkv.dtype)
+    lse = np.empty((B, n_head, T), dtype=qkv.dtype)
+    _attention_forward(qkv, n_head, out, lse)
+    return out, (qkv, out, lse, n_head)
+
+
+@_pjit
+def _attention_backward(dout, qkv, out, lse, n_head, dqkv):
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    hs = C // n_head
+    hp = _round_up(hs, _TILE_COLS)
+    Tr, Tc = _round_up(T, _TILE_ROWS), _round_up(T, _TILE_COLS)
+    dt = qkv.dtype
+    scale, one = dt.type(1.0 / math.sqrt(hs)), dt.type(1.0)
+    pairs = B * n_head
+    per_chunk = (pairs + _CHUNKS - 1) // _CHUNKS
+    for chunk in prange(_CHUNKS):
+        q = np.zeros((Tc, hp), dtype=dt)               # scaled queries
+        g = np.zeros((Tc, hp), dtype=dt)               # dy of this head
+        k = np.zeros((Tc, hp), dtype=dt)
+        kt = np.zeros((hp, Tc), dtype=dt)
+        vt = np.zeros((hp, Tc), dtype=dt)
+        D = np.empty(T, dtype=dt)                      # D_t = dy_t . y_t
+        P = np.empty((Tc, Tc), dtype=dt)
+        dS = np.empty((Tc, Tc), dtype=dt)
+        ibuf = np.empty(Tc, dtype=np.int32)
+        for bh in range(chunk * per_chunk, min(pairs, (chunk + 1) * per_chunk)):
+            b, h = bh // n_head, bh % n_head
+            qo, ko, vo = h * hs, C + h * hs, 2 * C + h * hs
+            x, dx = qkv[b], dqkv[b]
+            for t in range(T):
+                acc = one * 0
+                for d in range(hs):
+                    q[t, d] = x[t, qo + d] * scale
+                    g[t, d] = dout[b, t, qo + d]
+                    k[t, d] = kt[d, t] = x[t, ko + d]
+                    vt[d, t] = x[t, vo + d]
+                    acc += dout[b, t, qo + d] * out[b, t, qo + d]
+                D[t] = acc
+            for t0 in range(0, Tr, _TILE_ROWS):
+                jend = _key_end(t0, T)
+                for j0 in range(0, jend, _TILE_COLS):
+                    _tile_product(q, t0, False, kt, j0, 0, hs, P, t0, j0, 4, 16, one)   # S
+                    _tile_product(g, t0, False, vt, j0, 0, hs, dS, t0, j0, 4, 16, one)  # dP
+                for t in range(t0, t0 + _TILE_ROWS):
+                    prow, drow = P[t], dS[t]
+                    if t >= T:                                             # padding rows
+                        prow[:jend] = 0.0
+                        drow[:jend] = 0.0
+                        continue
+                    l = lse[b, h, t]
+                    for j in range(jend):
+                        prow[j] -= l
+                    _exp_inplace(prow, jend, ibuf)                         # P = e^(S - lse)
+                    prow[t + 1:jend] = 0.0
+                    Dt = D[t]
+                    for j in range(jend):
+                        drow[j] = prow[j] * (drow[j] - Dt)                 # dS
+                for d0 in range(0, hs, _TILE_COLS):                        # dq = dS k * scale
+                    _tile_product(dS, t0, False, k, d0, 0, jend, dx, t0, qo + d0, T - t0,
+                                  hs - d0, scale)
+            for j0 in range(0, Tr, _TILE_ROWS):            # keys j0..j0+3: rows t >= j0 only
+                for d0 in range(0, hs, _TILE_COLS):
+                    _tile_product(dS, j0, True, q, d0, j0, Tr, dx, j0, ko + d0, T - j0,
+                                  hs - d0, one)                            # dk = dS^T q
+                    _tile_product(P, j0, True, g, d0, j0, Tr, dx, j0, vo + d0, T - j0,
+                                  hs - d0, one)                            # dv = P^T dy
+
+def attention_backward(dout, cache):
+    qkv, out, lse, n_head = cache
+    dqkv = np.empty_like(qkv)
+    _attention_backward(np.ascontiguousarray(dout), qkv, out, lse, n_head, dqkv)
+    return dqkv
+
+
+# --------------------------------------------------------------------------------------------
+# Squared ReLU: out = relu(x)^2, dx = 2 relu(x) dout. Cache: the output itself (the model keeps
+# it anyway for the next matmul's backward), since relu(x) = sqrt(out): no extra array.
+
+@_pjit
+def _squared_relu_forward(x, out):
+    N, D = x.shape
+    for i in prange(N):
+        for c in range(D):
+            r = max(x[i, c], 0)
+            out[i, c] = r * r
+
+
+def squared_relu_forward(x):
+    # x (..., D) -> out (..., D)
+    x2 = _rows(x)
+    out = np.empty_like(x2)
+    _squared_relu_forward(x2, out)
+    return out.reshape(x.shape), out
+
+
+@_pjit
+def _squared_relu_backward(dout, out, dx):
+    N, D = out.shape
+    for i in prange(N):
+        for c in range(D):
+            dx[i, c] = 2 * math.sqrt(out[i, c]) * dout[i, c]
+
+
+def squared_relu_backward(dout, out):
+    d2 = _rows(dout)
+    dx = np.empty_like(d2)
+    _squared_relu_backward(d2, out, dx)
+    return dx.reshape(dout.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Dropout (inverted). The uniforms come from rng.random(shape, dtype=float32), as in the
+# reference, so the same generator state drops the same units; kept units are scaled by
+# 1/(1-p) in x's precision, so outputs match the reference bit for bit.
+
+@_pjit
+def _dropout_forward(x, u, p, scale, out, keep):
+    N, D = x.shape
+    for i in prange(N):
+        for c in range(D):
+            k = u[i, c] >= p
+            keep[i, c] = k
+            out[i, c] = x[i, c] * scale if k else 0
+
+
+def dropout_forward(x, p, rng):
+    if p == 0.0 or rng is None:
+        return x, None
+    u = rng.random(x.shape, dtype="float32")
+    x2 = _rows(x)
+    out = np.empty_like(x2)
+    keep = np.empty(x2.shape, dtype=np.bool_)
+    scale = x.dtype.type(1.0 / (1.0 - p))
+    _dropout_forward(x2, u.reshape(x2.shape), np.float32(p), scale, out, keep)
+    return out.reshape(x.shape), (keep, scale)
+
+
+@_pjit
+def _dropout_backward(dout, keep, scale, dx):
+    N, D = dout.shape
+    for i in prange(N):
+        for c in range(D):
+            dx[i, c] = dout[i, c] * scale if keep[i, c] else 0
+
+
+def dropout_backward(dout, mask):
+    if mask is None:
+        return dout
+    keep, scale = mask
+    d2 = _rows(dout)
+    dx = np.empty_like(d2)
+    _dropout_backward(d2, keep, scale, dx)
+    return dx.reshape(dout.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-entropy: loss = mean over kept positions of lse(logits) - logits[target]; a negative
+# target is left out (as in the reference). Backward: (softmax - onehot) / N_kept.
+
+@_pjit
+def _cross_entropy_forward(logits, targets, lse, losses):
+    N, V = logits.shape
+    for i in prange(N):
+        m = logits[i, 0]
+        for v in range(1, V):
+            m = max(m, logits[i, v])
+        total = logits[i, 0] * 0
+        for v in range(V):
+            total += math.exp(logits[i, v] - m)
+        lse[i] = m + math.log(total)
+        tgt = targets[i]
+        losses[i] = lse[i] - logits[i, tgt] if tgt >= 0 else 0
+
+
+def cross_entropy_forward(logits, targets):
+    # logits (B, T, V), targets (B, T) int -> scalar loss; cache (logits, lse, targets, kept)
+    flat = _rows(logits)
+    tflat = np.ascontiguousarray(targets).reshape(-1)
+    lse = np.empty(flat.shape[0], dtype=np.float64)
+    losses = np.empty(flat.shape[0], dtype=np.float64)
+    _cross_entropy_forward(flat, tflat, lse, losses)
+    kept = max(int((tflat >= 0).sum()), 1)
+    return losses.sum() / kept, (flat, lse, tflat, kept)
+
+
+@_pjit
+def _cross_entropy_backward(logits, lse, targets, scale, dlogits):
+    N, V = logits.shape
+    for i in prange(N):
+        tgt = targets[i]
+        if tgt < 0:
+            dlogits[i, :] = 0
+            continue
+        for v in range(V):
+            dlogits[i, v] = math.exp(logits[i, v] - lse[i]) * scale
+        dlogits[i, tgt] -= scale
+
+
+def cross_entropy_backward(cache, logits_shape, dloss=1.0):
+    flat, lse, tflat, kept = cache
+    dlogits = np.empty_like(flat)
+    _cross_entropy_backward(flat, lse, tflat, dloss / kept, dlogits)
+    return dlogits.reshape(logits_shape)
+
+
+# --------------------------------------------------------------------------------------------
+# AdamW in one pass over the flat buffers (optim.FusedAdamW calls this; optim.AdamW is the
+# readable twin): m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+# p -= lr * (m * mhat_scale / (sqrt(v * vhat_scale) + eps) + wd * mask * p)
+
+@_pjit
+def adamw_update(params, grad, m, v, decay_mask, lr, beta1, one_minus_beta1, beta2,
+                 one_minus_beta2, eps, weight_decay, mhat_scale, vhat_scale):
+    # every array (N,) of one dtype; every scalar already of that dtype
+    n = params.size
+    chunk = 4096
+    for k in prange((n + chunk - 1) // chunk):
+        for i in range(k * chunk, min(n, (k + 1) * chunk)):
+            g = grad[i]
+            mi = beta1 * m[i] + one_minus_beta1 * g
+            vi = beta2 * v[i] + one_minus_beta2 * g * g
+            m[i] = mi
+            v[i] = vi
+            update = (mi * mhat_scale) / (math.sqrt(vi * vhat_scale) + eps)
+            params[i] -= lr * (update + weight_decay * decay_mask[i] * params[i])

@@ -1,0 +1,270 @@
+"""The fused numba kernels against the readable reference they replace, and the fast path end
+to end: whole-model finite differences, a short training run, FusedAdamW, the thread policy."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from randygpt.config import ModelConfig
+from randygpt.model import GPT
+from randygpt.ops import fused, reference
+from randygpt.optim import AdamW, FusedAdamW, clip_grad_norm
+from randygpt import threads
+from gradcheck import numerical_grad, rel_error
+
+RNG = np.random.default_rng(0)
+DTYPES = [np.float32, np.float64]
+TOL = {np.float32: 2e-6, np.float64: 1e-12}    # relative error of whole tensors
+
+
+def close(a, b, dtype):
+    err = rel_error(a, b)
+    assert err <= TOL[dtype], f"relative error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+def normal(*shape, dtype=np.float32, scale=1.0):
+    return (RNG.standard_normal(shape) * scale).astype(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Each op: fused forward and backward == reference forward and backward
+
+def test_fast_exp_matches_numpy_exp():
+    x = np.concatenate([-np.linspace(0, 87, 100_001), [0.0, -1e-30, -0.5, -86.9]])
+    x = x.astype(np.float32).astype(np.float64)                     # exact float32 inputs
+    got = fused.fast_exp(x.astype(np.float32)).astype(np.float64)
+    rel = np.abs(got - np.exp(x)) / np.exp(x)
+    assert rel.max() < 5e-7
+    assert got[-4] == 1.0
+    assert fused.fast_exp(np.float32([-200.0]))[0] < 2e-38         # clamped: tiny, not garbage
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embedding(dtype):
+    wte, wpe = normal(11, 8, dtype=dtype), normal(9, 8, dtype=dtype)
+    idx = RNG.integers(0, 11, (3, 7))
+    idx[0, :3] = 4                                                  # repeats must accumulate
+    np.testing.assert_array_equal(fused.embedding_forward(wte, wpe, idx),
+                                  reference.embedding_forward(wte, wpe, idx))
+    dout = normal(3, 7, 8, dtype=dtype)
+    for got, want in zip(fused.embedding_backward(dout, idx, 11, 9),
+                         reference.embedding_backward(dout, idx, 11, 9)):
+        close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 5, 16), (3, 40, 130)])
+def test_rmsnorm(dtype, shape):
+    x, g, dout = normal(*shape, dtype=dtype, scale=3), normal(shape[-1], dtype=dtype), \
+        normal(*shape, dtype=dtype)
+    out, cache = fused.rmsnorm_forward(x, g)
+    ref_out, ref_cache = reference.rmsnorm_forward(x, g)
+    close(out, ref_out, dtype)
+    assert out.dtype == dtype and out.shape == shape
+    for got, want in zip(fused.rmsnorm_backward(dout, g, cache),
+                         reference.rmsnorm_backward(dout, g, ref_cache)):
+        close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear(dtype):
+    x, w, dout = normal(3, 5, 12, dtype=dtype), normal(12, 20, dtype=dtype), \
+        normal(3, 5, 20, dtype=dtype)
+    close(fused.linear_forward(x, w), reference.linear_forward(x, w), dtype)
+    for got, want in zip(fused.linear_backward(dout, x, w), reference.linear_backward(dout, x, w)):
+        assert got.shape == want.shape
+        close(got, want, dtype)
+
+
+# T below, at and above the 64-key blocks of the kernel; hs 1, 4, 16, 32
+@pytest.mark.parametrize("B,T,H,hs", [(2, 1, 1, 1), (2, 6, 3, 4), (3, 64, 8, 16),
+                                      (1, 70, 2, 32), (1, 150, 2, 16)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention(B, T, H, hs, dtype):
+    C = H * hs
+    qkv, dout = normal(B, T, 3 * C, dtype=dtype, scale=2), normal(B, T, C, dtype=dtype)
+    out, cache = fused.attention_forward(qkv, H)
+    ref_out, ref_cache = reference.attention_forward(qkv, H)
+    close(out, ref_out, dtype)
+    close(fused.attention_backward(dout, cache), reference.attention_backward(dout, ref_cache),
+          dtype)
+
+
+def test_attention_keeps_no_t_by_t_matrix():
+    qkv = normal(4, 128, 3 * 64)
+    _, cache = fused.attention_forward(qkv, 4)
+    kept = sum(a.nbytes for a in cache if isinstance(a, np.ndarray) and a is not qkv)
+    assert kept < 4 * 128 * 64 * 4 * 1.1           # the output + one lse per row, no (T, T)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_squared_relu(dtype):
+    x, dout = normal(4, 6, 40, dtype=dtype), normal(4, 6, 40, dtype=dtype)
+    out, cache = fused.squared_relu_forward(x)
+    ref_out, ref_cache = reference.squared_relu_forward(x)
+    np.testing.assert_array_equal(out, ref_out)
+    close(fused.squared_relu_backward(dout, cache),
+          reference.squared_relu_backward(dout, ref_cache), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_same_mask_bit_for_bit(dtype):
+    x, dout = normal(4, 9, 33, dtype=dtype), normal(4, 9, 33, dtype=dtype)
+    out, mask = fused.dropout_forward(x, 0.3, np.random.default_rng(5))
+    ref_out, ref_mask = reference.dropout_forward(x, 0.3, np.random.default_rng(5))
+    np.testing.assert_array_equal(out, ref_out)
+    assert 0.2 < (out == 0).mean() < 0.4
+    np.testing.assert_array_equal(fused.dropout_backward(dout, mask),
+                                  reference.dropout_backward(dout, ref_mask))
+    same, none = fused.dropout_forward(x, 0.0, np.random.default_rng(5))
+    assert same is x and none is None and fused.dropout_backward(dout, None) is dout
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ignore", [False, True])
+def test_cross_entropy(dtype, ignore):
+    logits, targets = normal(3, 7, 11, dtype=dtype, scale=4), RNG.integers(0, 11, (3, 7))
+    if ignore:
+        targets[1, 2:] = -1                                         # padding: left out
+    loss, cache = fused.cross_entropy_forward(logits, targets)
+    ref_loss, ref_cache = reference.cross_entropy_forward(logits, targets)
+    assert loss == pytest.approx(float(ref_loss), rel=TOL[dtype] * 10)
+    close(fused.cross_entropy_backward(cache, logits.shape),
+          reference.cross_entropy_backward(ref_cache, logits.shape), dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# AdamW: one fused pass == the readable optimizer
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_adamw_matches_adamw(dtype):
+    p0 = normal(10_001, dtype=dtype)
+    mask = (RNG.random(10_001) < 0.8).astype(dtype)
+    ref, fast = p0.copy(), p0.copy()
+    ref_opt = AdamW(ref, mask, 0.9, 0.95, eps=1e-8, weight_decay=0.1)
+    fast_opt = FusedAdamW(fast, mask, 0.9, 0.95, eps=1e-8, weight_decay=0.1)
+    for t in range(1, 8):
+        g = normal(10_001, dtype=dtype)
+        ref_opt.step(g.copy(), 1e-2 * t)
+        fast_opt.step(g.copy(), 1e-2 * t)
+    assert fast_opt.step_count == 7
+    for a, b in ((fast, ref), (fast_opt.m, ref_opt.m), (fast_opt.v, ref_opt.v)):
+        close(a - p0 if a is fast else a, b - p0 if b is ref else b, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole model through the fast path
+
+CFG = dict(vocab_size=9, block_size=6, n_layer=2, n_embd=8, n_head=2, dropout=0.25)
+
+
+def rough_model(dtype, ops, seed=0):
+    """Large random weights, as in test_model, so every path carries gradient."""
+    m = GPT(ModelConfig(**CFG), seed=None, dtype=dtype, ops=ops)
+    rng = np.random.default_rng(seed)
+    for name, shape in m.params.shapes:
+        m.params[name][...] = (1.0 if name.endswith(".g") else 0.0) + rng.normal(0, 0.5, shape)
+    return m
+
+
+def test_whole_model_gradient_through_fast_path_matches_finite_differences():
+    # float64 kernels (exact exp) against float64 central differences, dropout on
+    m = rough_model(np.float64, fused)
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 9, (3, 5)), rng.integers(0, 9, (3, 5))
+
+    def loss():
+        return m.forward(x, y, rng=np.random.default_rng(7))[1]
+
+    loss()
+    m.backward()
+    probe = np.random.default_rng(2)
+    for name, _ in m.params.shapes:
+        p, g = m.params[name], m.grads[name]
+        idx = probe.choice(p.size, size=min(p.size, 40), replace=False)
+        _, num = numerical_grad(loss, p, eps=1e-6, indices=idx)
+        err = rel_error(num, g.reshape(-1)[idx])
+        assert err <= 1e-6, f"{name}: relative error {err:.2e}"
+        assert np.abs(g).max() > 0, f"{name}: gradient is all zero"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_model_matches_reference_model(dtype):
+    ref, fast = rough_model(dtype, reference), rough_model(dtype, fused)
+    rng = np.random.default_rng(3)
+    x, y = rng.integers(0, 9, (4, 6)), rng.integers(0, 9, (4, 6))
+    y[0, 3:] = -1
+    l_ref = ref.forward(x, y, rng=np.random.default_rng(8))[1]
+    l_fast = fast.forward(x, y, rng=np.random.default_rng(8))[1]
+    assert l_fast == pytest.approx(l_ref, rel=TOL[dtype] * 10)
+    ref.backward()
+    fast.backward()
+    close(fast.grads.flat, ref.grads.flat, dtype)
+    logits_ref, _ = ref.forward(x)
+    logits_fast, _ = fast.forward(x)
+    close(logits_fast, logits_ref, dtype)
+
+
+def train_losses(ops, optimizer, steps=25):
+    """A short float32 run with dropout: the loss of every step, from one seed."""
+    cfg = ModelConfig(vocab_size=20, block_size=32, n_layer=2, n_embd=32, n_head=4, dropout=0.1)
+    model = GPT(cfg, seed=0, ops=ops)
+    opt = optimizer(model.params.flat, model.decay_mask(), 0.9, 0.99, weight_decay=0.01)
+    data_rng, drop_rng = np.random.default_rng(1), np.random.default_rng(2)
+    text = np.tile(np.arange(20), 50)                               # learnable: a cycle
+    losses = []
+    for _ in range(steps):
+        starts = data_rng.integers(0, len(text) - 33, 8)
+        rows = starts[:, None] + np.arange(32)
+        losses.append(model.forward(text[rows], text[rows + 1], rng=drop_rng)[1])
+        model.backward()
+        clip_grad_norm(model.grads.flat, 1.0)
+        opt.step(model.grads.flat, 3e-3)
+    return np.array(losses)
+
+
+def test_training_curve_fast_equals_reference():
+    ref = train_losses(reference, AdamW)
+    fast = train_losses(fused, FusedAdamW)
+    assert ref[-1] < ref[0] - 0.5                                   # it does learn
+    np.testing.assert_allclose(fast, ref, rtol=2e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Start-up and threads
+
+def test_generation_path_does_not_import_numba():
+    code = ("import sys, randygpt, randygpt.cli, randygpt.sample, randygpt.checkpoint; "
+            "print('numba' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_thread_policy_fills_in_only_unset_variables():
+    env = {"OMP_WAIT_POLICY": "active"}
+    applied = threads.apply(env)
+    assert env["OMP_WAIT_POLICY"] == "active" and "OMP_WAIT_POLICY" not in applied
+    for name, value in threads.DEFAULTS.items():
+        if name != "OMP_WAIT_POLICY":
+            assert env[name] == value and applied[name] == value
+    assert "OPENBLAS_CORETYPE" not in env
+
+
+def test_thread_policy_is_in_place_before_numpy_loads():
+    # an import hook records the variable at the moment `import numpy` starts
+    code = """if True:
+        import os, sys
+        seen = []
+        class Spy:
+            def find_spec(self, name, path=None, target=None):
+                if name == "numpy" and not seen:
+                    seen.append(os.environ.get("OMP_WAIT_POLICY"))
+        sys.meta_path.insert(0, Spy())
+        import randygpt
+        print(seen[0])
+    """
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True)
+    assert out.stdout.strip() == threads.DEFAULTS["OMP_WAIT_POLICY"]
