@@ -187,3 +187,95 @@ class GPT:
         dxn1, g[pre + "attn.qkv"][...] = ops.linear_backward(dqkv, xn1, p[pre + "attn.qkv"])
         dx_ln, g[pre + "ln1.g"][...] = ops.rmsnorm_backward(dxn1, p[pre + "ln1.g"], ln1)
         return dx + dx_ln
+
+    # ----------------------------------------------------------------------------------------
+    # Generation with a KV cache: `prefill` runs a prompt once and keeps every layer's keys and
+    # values; each `decode_step` then costs one position's work per layer. Positions are
+    # absolute (wpe), so a cache only ever holds positions 0..block_size-1 of one window; the
+    # caller slides the window by prefilling again (see sample.Decoder).
+
+    def new_kv_cache(self) -> "KVCache":
+        """An empty cache for this model's current weights (make a new one if they change)."""
+        return KVCache(self)
+
+    def prefill(self, ids, cache: "KVCache"):
+        """ids (T,) at positions 0..T-1 -> logits (T, V); the cache restarts and holds T
+        positions. The same ops as `forward`, so the logits are forward's for this window."""
+        ops, p, cfg = self.ops, self.params, self.cfg
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)                  # (1, T)
+        T, C, H = ids.shape[1], cfg.n_embd, cfg.n_head
+        if not 1 <= T <= cfg.block_size:
+            raise ValueError(f"prefill needs 1..{cfg.block_size} tokens, got {T}")
+        x = ops.embedding_forward(p["wte"], p["wpe"], ids)                    # (1, T, C)
+        for i in range(cfg.n_layer):
+            pre = f"h.{i}."
+            xn1, _ = ops.rmsnorm_forward(x, p[pre + "ln1.g"])
+            qkv = ops.linear_forward(xn1, p[pre + "attn.qkv"])                # (1, T, 3C)
+            # keep k and v per head: (T, C) -> (H, T, hs)
+            cache.k[i, :, :T] = qkv[0, :, C:2 * C].reshape(T, H, -1).transpose(1, 0, 2)
+            cache.v[i, :, :T] = qkv[0, :, 2 * C:].reshape(T, H, -1).transpose(1, 0, 2)
+            y, _ = ops.attention_forward(qkv, H)                              # (1, T, C)
+            x = ops.residual_forward(x, ops.linear_forward(y, p[pre + "attn.proj"]))
+            xn2, _ = ops.rmsnorm_forward(x, p[pre + "ln2.g"])
+            hr, _ = ops.squared_relu_forward(ops.linear_forward(xn2, p[pre + "mlp.fc"]))
+            x = ops.residual_forward(x, ops.linear_forward(hr, p[pre + "mlp.proj"]))
+        xf, _ = ops.rmsnorm_forward(x, p["ln_f.g"])
+        cache.length = T
+        return ops.linear_forward(xf, p["lm_head"])[0]                        # (T, V)
+
+    def decode_step(self, token: int, cache: "KVCache"):
+        """One token at position cache.length -> logits (V,) for the position after it.
+
+        The same math as `forward` for one row, written for few NumPy calls per token: the
+        RMSNorm gains and the attention scale are folded into the cache's copy of the weights,
+        and attention reads the cached keys/values of positions 0..pos as (H, 1, n) matmuls.
+        """
+        pos = cache.length
+        if pos >= self.cfg.block_size:
+            raise ValueError(f"the KV cache is full ({pos} positions): slide the window by "
+                             "prefilling its most recent tokens again")
+        C, H, eps, n = cache.n_embd, cache.n_head, cache.eps, pos + 1
+        x = cache.wte[token] + cache.wpe[pos]                                 # (C,)
+        for (w_qkv, w_proj, w_fc, w_mlp), k, v in zip(cache.weights, cache.k, cache.v):
+            xn = x * (1.0 / math.sqrt(float(x @ x) / C + eps))                # rmsnorm, gain folded
+            qkv = xn @ w_qkv                                                  # (3C,), q pre-scaled
+            k[:, pos] = qkv[C:2 * C].reshape(H, -1)                           # (H, hs) into (H, T, hs)
+            v[:, pos] = qkv[2 * C:].reshape(H, -1)
+            att = qkv[:C].reshape(H, 1, -1) @ k[:, :n].transpose(0, 2, 1)     # (H, 1, n)
+            att -= att.max(axis=-1, keepdims=True)                            # stable softmax
+            np.exp(att, out=att)
+            y = (att @ v[:, :n]) / att.sum(axis=-1, keepdims=True)            # (H, 1, hs)
+            x += y.reshape(C) @ w_proj
+            xn = x * (1.0 / math.sqrt(float(x @ x) / C + eps))
+            h = xn @ w_fc                                                     # (4C,)
+            np.maximum(h, 0.0, out=h)
+            h *= h                                                            # relu(h)^2
+            x += h @ w_mlp
+        cache.length = n
+        xf = x * (1.0 / math.sqrt(float(x @ x) / C + eps))
+        return xf @ cache.lm_head                                             # (V,)
+
+
+class KVCache:
+    """Keys and values of every layer for positions 0..length-1 of one window, and the
+    decode-time copy of the weights (norm gains folded into the matrix after each norm:
+    (xhat * g) @ W == xhat @ (g[:, None] * W); the q columns also carry 1/sqrt(hs))."""
+
+    def __init__(self, model: GPT):
+        cfg, p, dt = model.cfg, model.params, model.dtype
+        C, H = cfg.n_embd, cfg.n_head
+        hs = C // H
+        self.n_embd, self.n_head, self.eps = C, H, 1e-5    # eps: reference rmsnorm's default
+        self.k = np.zeros((cfg.n_layer, H, cfg.block_size, hs), dtype=dt)   # (L, H, T, hs)
+        self.v = np.zeros_like(self.k)
+        self.length = 0
+        self.wte, self.wpe = p["wte"].copy(), p["wpe"].copy()
+        self.lm_head = p["ln_f.g"][:, None] * p["lm_head"]                  # (C, V)
+        self.weights = []
+        for i in range(cfg.n_layer):
+            pre = f"h.{i}."
+            w_qkv = p[pre + "ln1.g"][:, None] * p[pre + "attn.qkv"]         # (C, 3C)
+            w_qkv[:, :C] *= dt.type(1.0 / math.sqrt(hs))
+            w_fc = p[pre + "ln2.g"][:, None] * p[pre + "mlp.fc"]            # (C, 4C)
+            self.weights.append((w_qkv, p[pre + "attn.proj"].copy(), w_fc,
+                                 p[pre + "mlp.proj"].copy()))

@@ -171,7 +171,8 @@ def residual_backward(dout):
 
 
 # --------------------------------------------------------------------------------------------
-# Cross-entropy: loss = mean over all (b, t) of -log softmax(logits)[target]
+# Cross-entropy: loss = mean over all (b, t) of -log softmax(logits)[target]. A negative
+# target (data.IGNORE: padding after a short document) is left out of the mean and the gradient.
 
 def cross_entropy_forward(logits, targets):
     # logits (B, T, V), targets (B, T) int -> scalar loss; cache the softmax probabilities
@@ -183,16 +184,27 @@ def cross_entropy_forward(logits, targets):
     logprobs = shifted - logsumexp
     rows = xp.arange(flat.shape[0])
     tflat = targets.reshape(-1)
-    loss = -logprobs[rows, tflat].mean()
+    if (tflat < 0).any():
+        keep = tflat >= 0
+        loss = -logprobs[rows[keep], tflat[keep]].sum() / max(int(keep.sum()), 1)
+    else:
+        loss = -logprobs[rows, tflat].mean()
     return loss, (xp.exp(logprobs), tflat)
 
 
 def cross_entropy_backward(cache, logits_shape, dloss=1.0):
     # d loss / d logits = (softmax - onehot(target)) / N, N = number of positions
+    # (ignored positions: gradient 0, and N counts only the kept ones)
     xp = array_module(cache[0])
     probs, tflat = cache
     N = probs.shape[0]
     dlogits = probs.copy()
+    if (tflat < 0).any():
+        keep = tflat >= 0
+        dlogits[~keep] = 0.0
+        dlogits[xp.arange(N)[keep], tflat[keep]] -= 1.0
+        dlogits *= dloss / max(int(keep.sum()), 1)
+        return dlogits.reshape(logits_shape)
     dlogits[xp.arange(N), tflat] -= 1.0
     dlogits *= dloss / N
     return dlogits.reshape(logits_shape)
