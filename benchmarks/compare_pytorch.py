@@ -1,7 +1,9 @@
 """randyGPT vs PyTorch on this CPU: training tokens/s, MFU, peak memory, generation tokens/s.
 
     .venv/bin/python benchmarks/compare_pytorch.py [--configs A B] [--rounds 5]
-        [--round-seconds 4] [--no-reference] [--no-generation]
+        [--round-seconds 4] [--no-reference] [--no-generation] [--no-startup]
+    .venv/bin/python benchmarks/compare_pytorch.py --ablation [--configs A] [--rounds 5]
+        (what each optimisation is worth: the fast path with one of them taken out at a time)
 
 Configs: A = the small preset (6L/128d/8h, block 64, batch 32), B = 6L/256d/8h, block 256,
 batch 64; vocabulary 67 (Tiny Shakespeare's characters + BOS/EOS), dropout 0.1, AdamW
@@ -95,17 +97,51 @@ def sgemm_peak(matmul, make, n=2048, repeats=5) -> float:
 # Workers: one implementation, one config, in its own process. They read commands on stdin
 # ("run N" -> train N steps; "quit") and answer one JSON line each on stdout.
 
+# --ablation: the fused path with one optimisation taken back out at a time. Each entry is
+# (what it removes, environment overrides, ops replaced by the reference's, other changes).
+_ELEMENTWISE = ["embedding", "rmsnorm", "squared_relu", "dropout", "cross_entropy"]
+ABLATIONS = {
+    "fused": ("nothing (the full fast path)", {}, [], ""),
+    "-omp-passive": ("numba threads sleep when idle", {"OMP_WAIT_POLICY": "active"}, [], ""),
+    "-blas-timeout": ("OpenBLAS threads sleep when idle (back to 2^28 cycles of spinning)",
+                      {"OPENBLAS_THREAD_TIMEOUT": "28"}, [], ""),
+    "-keep-memory": ("freed memory kept for reuse (glibc mallopt)", {}, [], "no-mallopt"),
+    "-attention": ("fused attention (reference: stores B*H*T*T probabilities)", {},
+                   ["attention"], ""),
+    "-linear-2d": ("2-D matmuls (reference: one sgemm per batch item)", {}, ["linear"], ""),
+    "-elementwise": ("fused norm/ReLU^2/dropout/embedding/cross-entropy kernels", {},
+                     _ELEMENTWISE, ""),
+    "-fused-adamw": ("one-pass AdamW", {}, [], "reference-adamw"),
+}
+
+
+def ablated_ops(name):
+    """The fused path minus one optimisation: (ops namespace, optimizer class)."""
+    import types
+    from randygpt import threads
+    from randygpt.ops import fused, reference
+    from randygpt.optim import AdamW, FusedAdamW
+    _, _, replaced, other = ABLATIONS[name]
+    if other != "no-mallopt":
+        threads.keep_freed_memory()
+    ops = types.SimpleNamespace(**{n: getattr(fused, n) for n in dir(reference)
+                                   if n.endswith(("_forward", "_backward"))})
+    for layer in replaced:
+        for half in ("_forward", "_backward"):
+            setattr(ops, layer + half, getattr(reference, layer + half))
+    return ops, AdamW if other == "reference-adamw" else FusedAdamW
+
+
 def randygpt_trainer(cfg, impl):
     import numpy as np
     from randygpt.config import ModelConfig
     from randygpt.model import GPT
-    from randygpt.optim import AdamW, clip_grad_norm
-    if impl == "fused":
-        from randygpt.ops import fused as ops
-        from randygpt.optim import FusedAdamW as Optimizer
+    from randygpt.optim import clip_grad_norm
+    from randygpt.train import training_ops                 # exactly what `randygpt train` uses
+    if impl in ABLATIONS and impl != "fused":
+        ops, Optimizer = ablated_ops(impl)
     else:
-        from randygpt.ops import reference as ops
-        Optimizer = AdamW
+        ops, Optimizer = training_ops(reference=impl == "reference")
     mcfg = ModelConfig(vocab_size=VOCAB, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
                        n_embd=cfg["n_embd"], n_head=cfg["n_head"], dropout=DROPOUT)
     model = GPT(mcfg, seed=0, ops=ops)
@@ -302,6 +338,7 @@ def generation_worker(impl, n_tokens):
 class Worker:
     def __init__(self, impl, config_name, warmup):
         env = dict(os.environ, PYTHONPATH=ROOT, RANDYGPT_BENCH_T0=repr(time.perf_counter()))
+        env.update(ABLATIONS[impl][1] if impl in ABLATIONS else {})
         self.impl = impl
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker", impl, "--config",
@@ -326,7 +363,13 @@ class Worker:
         return out
 
 
-def run_config(name, impls, rounds, round_seconds, peak):
+def label(impl):
+    return IMPL_NAMES.get(impl, impl)
+
+
+def run_config(name, impls, rounds, round_seconds, peak, baseline="torch"):
+    """Alternating rounds of every implementation on one config: medians, and the median of
+    the per-round ratios to `baseline`."""
     cfg = CONFIGS[name]
     print(f"\nconfig {name}: {cfg['n_layer']}L/{cfg['n_embd']}d/{cfg['n_head']}h, block "
           f"{cfg['block_size']}, batch {cfg['batch_size']}: "
@@ -336,7 +379,7 @@ def run_config(name, impls, rounds, round_seconds, peak):
         for impl in impls:          # one at a time, so start-up is not timed under load
             w = Worker(impl, name, warmup=2)
             workers.append(w)
-            print(f"  {IMPL_NAMES[impl]:<19} ready: first step {w.info['first_step_s']:.2f} s, "
+            print(f"  {label(impl):<19} ready: first step {w.info['first_step_s']:.2f} s, "
                   f"then {w.info['step_s'] * 1000:.0f} ms/step", flush=True)
         if "torch" in impls:
             peak = max(peak, workers[impls.index("torch")].info["peak_gflops"])
@@ -347,7 +390,7 @@ def run_config(name, impls, rounds, round_seconds, peak):
                 time.sleep(0.3)     # let the previous worker's threads go idle
                 n = max(1, round(round_seconds / w.info["step_s"]))
                 rates[w.impl].append(w.ask(f"run {n}")["tokens_per_s"])
-            print(f"  round {r + 1}: " + ", ".join(f"{IMPL_NAMES[i]} {rates[i][-1]:,.0f}"
+            print(f"  round {r + 1}: " + ", ".join(f"{label(i)} {rates[i][-1]:,.0f}"
                                                   for i in rates), flush=True)
         rss = {w.impl: w.close()["peak_rss_mb"] for w in workers}
     finally:
@@ -360,11 +403,24 @@ def run_config(name, impls, rounds, round_seconds, peak):
         result[impl] = dict(tokens_per_s=med, mfu=med * flops_per_token(cfg) / (peak * 1e9),
                             peak_rss_mb=rss[impl], first_step_s=workers[impls.index(impl)]
                             .info["first_step_s"])
-    if "torch" in rates:
+    if baseline in rates:
         for impl in rates:
-            ratios = [a / b for a, b in zip(rates[impl], rates["torch"])]
+            ratios = [a / b for a, b in zip(rates[impl], rates[baseline])]
             result[impl]["ratio"] = statistics.median(ratios)
     return result, peak
+
+
+def run_ablation(configs, rounds, round_seconds):
+    """What each optimisation is worth: the full fast path against itself with one
+    optimisation taken out, alternating, as the speed-up that optimisation gives."""
+    for name in configs:
+        res, _ = run_config(name, list(ABLATIONS), rounds, round_seconds, 1.0,
+                            baseline="fused")
+        print(f"\nablation, config {name} (medians over {rounds} alternating rounds):")
+        print(f"  {'taken out':<66}{'tokens/s':>10}{'it is worth':>13}")
+        for impl, (what, _, _, _) in ABLATIONS.items():
+            worth = "-" if impl == "fused" else f"{1 / res[impl]['ratio']:.2f}x"
+            print(f"  {what:<66}{res[impl]['tokens_per_s']:>10,.0f}{worth:>13}")
 
 
 def startup_times():
@@ -396,6 +452,8 @@ def main():
     ap.add_argument("--no-generation", action="store_true")
     ap.add_argument("--no-startup", action="store_true",
                     help="skip the cold/warm numba cache start-up measurement")
+    ap.add_argument("--ablation", action="store_true",
+                    help="instead: the fused path with each optimisation taken out in turn")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
@@ -406,6 +464,8 @@ def main():
     if args.worker:
         return worker(args.worker, args.config, args.warmup)
 
+    if args.ablation:
+        return run_ablation(args.configs, args.rounds, args.round_seconds)
     import numpy as np
     torch_ok = have_torch()
     impls = ["fused"] + ([] if args.no_reference else ["reference"]) + (["torch"] if torch_ok else [])
@@ -432,7 +492,7 @@ def main():
     for name, res in results.items():
         for impl, r in res.items():
             ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
-            print(f"{name:<7}{IMPL_NAMES[impl]:<20}{r['tokens_per_s']:>10,.0f}{ratio:>12}"
+            print(f"{name:<7}{label(impl):<20}{r['tokens_per_s']:>10,.0f}{ratio:>12}"
                   f"{r['mfu'] * 100:>6.1f}%{r['peak_rss_mb']:>8,.0f} MiB")
         if "torch" in res:
             print(f"{'':<7}memory: randyGPT fused uses "

@@ -2,8 +2,11 @@
 
     python benchmarks/train_throughput.py [--preset small] [--iters 30] [--data PATH]
 
-Times whole training steps (forward, backward, clipping, AdamW) after a few warm-up steps and
-prints the median step time and tokens/s. Uses ../shared/data/tinyshakespeare.txt by default.
+Times whole training steps (forward, backward, clipping, AdamW) after a few warm-up steps, for
+the path `randygpt train` uses (fused numba kernels) and for the readable NumPy reference,
+alternating the two, and prints the median step time, tokens/s and their ratio. Uses
+../shared/data/tinyshakespeare.txt by default. For the PyTorch comparison see
+compare_pytorch.py.
 """
 import argparse
 import os
@@ -18,27 +21,26 @@ import numpy as np  # noqa: E402
 from randygpt.config import PRESETS, ModelConfig  # noqa: E402
 from randygpt.data import get_batch  # noqa: E402
 from randygpt.model import GPT  # noqa: E402
-from randygpt.optim import AdamW, clip_grad_norm  # noqa: E402
+from randygpt.optim import clip_grad_norm  # noqa: E402
 from randygpt.tokenizer import CharTokenizer  # noqa: E402
+from randygpt.train import training_ops  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                             "tinyshakespeare.txt")
 
 
-def measure(model, tokens, batch, iters, warmup=3):
-    opt = AdamW(model.params.flat, model.decay_mask())
+def step_times(model, opt, tokens, batch, iters):
     batch_rng, drop_rng = np.random.default_rng(0), np.random.default_rng(1)
     times = []
-    for i in range(warmup + iters):
+    for _ in range(iters):
         t0 = time.perf_counter()
         x, y = get_batch(tokens, batch, model.cfg.block_size, batch_rng)
         model.forward(x, y, rng=drop_rng)
         model.backward()
         clip_grad_norm(model.grads.flat, 1.0)
         opt.step(model.grads.flat, 1e-3)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def main():
@@ -55,12 +57,24 @@ def main():
     p = PRESETS[args.preset]
     cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=p["block_size"], n_layer=p["n_layer"],
                       n_embd=p["n_embd"], n_head=p["n_head"], dropout=0.1)
-    model = GPT(cfg, seed=0)
-    step = measure(model, tokens, p["batch_size"], args.iters)
+    runs = {}
+    for name, reference in (("fused", False), ("reference", True)):
+        ops, Optimizer = training_ops(reference)
+        model = GPT(cfg, seed=0, ops=ops)
+        opt = Optimizer(model.params.flat, model.decay_mask())
+        step_times(model, opt, tokens, p["batch_size"], 3)          # warm-up (and compilation)
+        runs[name] = (model, opt, [])
+    for _ in range(args.iters):                                    # alternate, one step each
+        for model, opt, times in runs.values():
+            times += step_times(model, opt, tokens, p["batch_size"], 1)
     tokens_per_step = p["batch_size"] * cfg.block_size
-    print(f"preset {args.preset}: {model.num_params:,} params, batch {p['batch_size']} x block "
-          f"{cfg.block_size} = {tokens_per_step} tokens/step")
-    print(f"median step {step * 1000:.1f} ms  ->  {tokens_per_step / step:,.0f} tokens/s")
+    print(f"preset {args.preset}: {runs['fused'][0].num_params:,} params, batch "
+          f"{p['batch_size']} x block {cfg.block_size} = {tokens_per_step} tokens/step")
+    median = {name: statistics.median(times) for name, (_, _, times) in runs.items()}
+    for name, step in median.items():
+        print(f"  {name:9s} median step {step * 1000:7.1f} ms  ->  "
+              f"{tokens_per_step / step:8,.0f} tokens/s")
+    print(f"  fused / reference: {median['reference'] / median['fused']:.2f}x")
 
 
 if __name__ == "__main__":

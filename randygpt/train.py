@@ -95,7 +95,9 @@ def training_ops(reference: bool = False):
     if reference:
         from .ops import reference as ops
         return ops, AdamW
+    from . import threads
     from .ops import fused as ops
+    threads.keep_freed_memory()
     return ops, FusedAdamW
 
 
