@@ -341,7 +341,7 @@ class Worker:
         env.update(ABLATIONS[impl][1] if impl in ABLATIONS else {})
         self.impl = impl
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--worker", impl, "--config",
+            [sys.executable, os.path.abspath(__file__), f"--worker={impl}", "--config",
              config_name, "--warmup", str(warmup)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.info = self.read()

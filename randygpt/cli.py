@@ -124,6 +124,14 @@ def cmd_train(args) -> int:
                             "checkpoint's: drop --bpe")
         return _train_from_checkpoint(args)
     mcfg, tcfg = configs_from_args(args)
+    if _on_builtin_sample(args):
+        given = flags_given(args._argv)
+        if "iters" not in given:
+            tcfg.iters = SAMPLE_ITERS
+            if "eval_interval" not in given:
+                tcfg.eval_interval = SAMPLE_ITERS // 8
+            print(f"the built-in sample is only a few KB: training {SAMPLE_ITERS} iterations "
+                  "(longer runs only memorise it; --iters N to choose)")
     out = args.out or _default_out(args, args.preset)
     result = train(mcfg, tcfg, data_path=args.data, out_dir=out,
                    sample_tokens=max(0, args.sample_tokens),
@@ -132,9 +140,19 @@ def cmd_train(args) -> int:
     return _finish_train(result, out)
 
 
+# On the ~5 KB built-in sample the small preset's val loss is lowest after ~150 iterations and
+# then climbs as it memorises the text (measured: 2.25 at 150, 2.65 at 300, 3.54 at 500 of a
+# 2000-iteration run): a demo run stops near the minimum.
+SAMPLE_ITERS = 200
+
+
+def _on_builtin_sample(args) -> bool:
+    return args.data is None and not os.path.exists("train.txt")
+
+
 def _default_out(args, tag: str) -> str:
     stem = os.path.splitext(os.path.basename(args.data or "train.txt"))[0]
-    if args.data is None and not os.path.exists("train.txt"):
+    if _on_builtin_sample(args):
         stem = "sample"
     return os.path.join("runs", f"{stem}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}")
 

@@ -1,7 +1,7 @@
 """How well a model predicts a text: mean loss per token, perplexity, bits per character.
 
 The text is encoded as BOS followed by tokenizer.encode(text): the start of a document, as in
-training (train.encode_corpus frames a document as BOS text EOS; the closing EOS is left out
+training (data.frame frames a document as BOS text EOS; the closing EOS is left out
 here, so every predicted token is a token of the text and each is predicted exactly once).
 That stream is cut into non-overlapping windows of block_size predictions; each window is one
 forward pass, so the first positions of a window see less context than the model could use

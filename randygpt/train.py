@@ -61,12 +61,6 @@ def load_corpus(data_path: str | None, log=print) -> str:
     return builtin_sample_text()
 
 
-def encode_corpus(text: str, tokenizer) -> np.ndarray:
-    """The whole text as one stream of ids, framed as a document: BOS text EOS."""
-    ids = tokenizer.encode(text)
-    return np.concatenate([[tokenizer.bos_id], ids, [tokenizer.eos_id]]).astype(np.int32)
-
-
 def rng_streams(seed: int):
     """Independent generators for weight init, batch sampling and dropout, all from one seed."""
     init, batches, dropout = np.random.SeedSequence(seed).spawn(3)

@@ -35,3 +35,17 @@ def check_op(loss_fn, analytic, arrays, tol=1e-6, eps=1e-6):
         _, num = numerical_grad(loss_fn, x, eps)
         err = rel_error(num, g)
         assert err <= tol, f"input {name_idx}: relative error {err:.3e} > {tol}"
+
+
+def check_model_gradient(model, loss_fn, tol=1e-6, per_tensor=40, seed=2):
+    """Every parameter tensor of `model`: up to per_tensor entries of its gradient from the
+    last backward() against central differences of loss_fn(); each tensor's relative error
+    must be <= tol, and no tensor's gradient may be all zero."""
+    probe = np.random.default_rng(seed)
+    for name, _ in model.params.shapes:
+        p, g = model.params[name], model.grads[name]
+        idx = probe.choice(p.size, size=min(p.size, per_tensor), replace=False)
+        _, num = numerical_grad(loss_fn, p, eps=1e-6, indices=idx)
+        err = rel_error(num, g.reshape(-1)[idx])
+        assert err <= tol, f"{name}: relative error {err:.2e}"
+        assert np.abs(g).max() > 0, f"{name}: gradient is all zero"

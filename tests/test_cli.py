@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from clitools import assert_one_line_error
+
 TINY = ["--preset", "tiny", "--layers", "1", "--dim", "16", "--heads", "2", "--block", "16",
         "--batch", "4", "--eval-iters", "2", "--no-progress"]
 
@@ -14,15 +16,6 @@ def run(args, cwd=None, timeout=120):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
     return subprocess.run([sys.executable, "-m", "randygpt", *args], capture_output=True,
                           text=True, cwd=cwd, timeout=timeout, env=env)
-
-
-def assert_one_line_error(r, *fragments):
-    assert r.returncode != 0, r.stdout
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def test_help_explains_every_train_flag():
@@ -53,6 +46,15 @@ def test_builtin_sample_is_used_without_train_txt(tmp_path):
              "--out", str(tmp_path / "run"), *TINY], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "built-in sample" in r.stdout + r.stderr
+
+
+def test_builtin_sample_demo_stops_before_memorising(tmp_path):
+    # without --iters, a run on the built-in sample is a short demo; --iters still wins
+    r = run(["train", "--sample-tokens", "0", "--out", str(tmp_path / "run"), *TINY,
+             "--batch", "1", "--eval-iters", "1"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["iter"] == 200 and [row["iter"] for row in rows][:2] == [25, 50]
 
 
 @pytest.mark.parametrize("content,fragment", [

@@ -14,6 +14,7 @@ from randygpt.model import GPT
 from randygpt.sample import (Decoder, SamplingConfig, generate_ids, generate_text,
                              generate_uncached, stream_text)
 from randygpt.tokenizer import CharTokenizer
+from clitools import assert_one_line_error
 
 TEXT = "the quick brown fox jumps over the lazy dog. THE END!\n"
 TOK = CharTokenizer(TEXT)
@@ -241,15 +242,6 @@ def trained(tmp_path_factory):
     assert r.returncode == 0, r.stderr
     assert (root / "runs/first/checkpoint_best.safetensors").exists()
     return root
-
-
-def assert_one_line_error(r, *fragments):
-    assert r.returncode != 0, r.stdout
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def test_cli_generate_matches_the_library_and_is_reproducible(trained):
