@@ -511,9 +511,9 @@ def main():
                                  env=dict(os.environ, PYTHONPATH=ROOT))
             rate = json.loads(out.stdout.splitlines()[-1])["tokens_per_s"] if out.returncode == 0 \
                 else float("nan")
-            label = ("randyGPT (KV cache, `randygpt generate`'s path)" if impl == "randygpt"
-                     else "PyTorch (nanoGPT-style, no cache)")
-            print(f"  {label:<50} {rate:>8,.0f} tokens/s")
+            what = ("randyGPT (KV cache, `randygpt generate`'s path)" if impl == "randygpt"
+                    else "PyTorch (nanoGPT-style, no cache)")
+            print(f"  {what:<50} {rate:>8,.0f} tokens/s")
 
 
 def subprocess_check():

@@ -55,9 +55,12 @@ def test_embedding(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 5, 16), (3, 40, 130)])
-def test_rmsnorm(dtype, shape):
+@pytest.mark.parametrize("zero_gain", [False, True])     # True: the cache must keep x instead
+def test_rmsnorm(dtype, shape, zero_gain):
     x, g, dout = normal(*shape, dtype=dtype, scale=3), normal(shape[-1], dtype=dtype), \
         normal(*shape, dtype=dtype)
+    if zero_gain:
+        g[3] = 0.0
     out, cache = fused.rmsnorm_forward(x, g)
     ref_out, ref_cache = reference.rmsnorm_forward(x, g)
     close(out, ref_out, dtype)

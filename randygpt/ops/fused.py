@@ -8,8 +8,8 @@ the opaque caches passed from a forward to its backward differ, and they are sma
   - attention never stores the (B, H, T, T) probabilities: forward keeps the log-sum-exp of
     each row (B, H, T) and backward recomputes the probabilities from it (the flash-attention
     idea), so memory is O(T) per row instead of O(T^2) per layer.
-  - rmsnorm keeps its input, squared ReLU its output (relu(x) = sqrt(relu(x)^2)): no second
-    derived array.
+  - rmsnorm and squared ReLU keep only their outputs, which the model holds anyway for the
+    next matmul's backward (xhat = out / g, relu(x) = sqrt(out)): no second (N, C) array.
   - dropout keeps a 1-byte keep-mask; its uniforms are drawn by the caller's NumPy Generator
     exactly as the reference draws them, so both paths drop the same units.
   - cross-entropy keeps the logits and one log-sum-exp per row, not a probability matrix.
@@ -124,54 +124,64 @@ def embedding_backward(dout, idx, vocab_size, block_size):
 
 
 # --------------------------------------------------------------------------------------------
-# RMSNorm: out = g * x * r, r = (mean(x^2) + eps)^-1/2. Cache: (x, r); backward recomputes
-# xhat = x * r, then dx = r * (dxhat - xhat * mean(dxhat * xhat)), dxhat = dout * g.
+# RMSNorm: out = g * x * r, r = (mean(x^2) + eps)^-1/2. Backward needs xhat = x * r; the
+# model keeps `out` anyway (the next matmul's input), so the cache is (out, r) and backward
+# recovers xhat = out / g: one (N, C) array less per norm than keeping x or xhat. (If a gain
+# is 0 or tiny, out / g would lose xhat, and the cache keeps x instead.)
+#   dx = r * (dxhat - xhat * mean(dxhat * xhat)),  dxhat = dout * g,  dg = sum(dout * xhat)
 
 @_pjit
 def _rmsnorm_forward(x, g, eps, out, rstd):
     N, C = x.shape
+    one = x.dtype.type(1.0)
     for i in prange(N):
         ss = x[i, 0] * 0
         for c in range(C):
             ss += x[i, c] * x[i, c]
-        r = 1.0 / math.sqrt(ss / C + eps)
+        r = one / math.sqrt(ss / C + eps)
         rstd[i] = r
         for c in range(C):
             out[i, c] = x[i, c] * r * g[c]
 
 
 def rmsnorm_forward(x, g, eps=1e-5):
-    # x (..., C), g (C,) -> out (..., C)
+    # x (..., C), g (C,) -> out (..., C); cache (saved, row_scale, col_scale) with
+    # xhat = saved * row_scale[:, None] * col_scale[None, :]
     x2 = _rows(x)
     out = np.empty_like(x2)
     rstd = np.empty(x2.shape[0], dtype=x.dtype)
     _rmsnorm_forward(x2, g, x.dtype.type(eps), out, rstd)
-    return out.reshape(x.shape), (x2, rstd)
+    if np.all(np.abs(g) > 1e-6):
+        cache = (out, np.ones_like(rstd), (1 / g).astype(g.dtype))
+    else:
+        cache = (x2, rstd, np.ones_like(g))
+    return out.reshape(x.shape), cache + (rstd,)
 
 
 @_pjit
-def _rmsnorm_backward(dout, g, x, rstd, dx, dg_parts):
-    N, C = x.shape
+def _rmsnorm_backward(dout, g, saved, row_scale, col_scale, rstd, dx, dg_parts):
+    N, C = saved.shape
     chunk = (N + _CHUNKS - 1) // _CHUNKS
     for k in prange(_CHUNKS):
         for i in range(k * chunk, min(N, (k + 1) * chunk)):
-            r = rstd[i]
-            dot = x[i, 0] * 0                                  # sum(dxhat * xhat)
+            r, s = rstd[i], row_scale[i]
+            dot = r * 0                                        # sum(dxhat * xhat)
             for c in range(C):
-                xhat = x[i, c] * r
+                xhat = saved[i, c] * s * col_scale[c]
                 dot += dout[i, c] * g[c] * xhat
                 dg_parts[k, c] += dout[i, c] * xhat
             mean = dot / C
             for c in range(C):
-                dx[i, c] = r * (dout[i, c] * g[c] - x[i, c] * r * mean)
+                xhat = saved[i, c] * s * col_scale[c]
+                dx[i, c] = r * (dout[i, c] * g[c] - xhat * mean)
 
 
 def rmsnorm_backward(dout, g, cache):
-    x2, rstd = cache
+    saved, row_scale, col_scale, rstd = cache
     d2 = _rows(dout)
     dx = np.empty_like(d2)
-    dg_parts = np.zeros((_CHUNKS, x2.shape[1]), dtype=x2.dtype)
-    _rmsnorm_backward(d2, g, x2, rstd, dx, dg_parts)
+    dg_parts = np.zeros((_CHUNKS, saved.shape[1]), dtype=saved.dtype)
+    _rmsnorm_backward(d2, g, saved, row_scale, col_scale, rstd, dx, dg_parts)
     return dx.reshape(dout.shape), dg_parts.sum(axis=0)
 
 
