@@ -106,6 +106,7 @@ ABLATIONS = {
     "-blas-timeout": ("OpenBLAS threads sleep when idle (back to 2^28 cycles of spinning)",
                       {"OPENBLAS_THREAD_TIMEOUT": "28"}, [], ""),
     "-keep-memory": ("freed memory kept for reuse (glibc mallopt)", {}, [], "no-mallopt"),
+    "-buffer-pool": ("large arrays recycled by size (ops/fused._BufferPool)", {}, [], "no-pool"),
     "-attention": ("fused attention (reference: stores B*H*T*T probabilities)", {},
                    ["attention"], ""),
     "-linear-2d": ("2-D matmuls (reference: one sgemm per batch item)", {}, ["linear"], ""),
@@ -118,12 +119,16 @@ ABLATIONS = {
 def ablated_ops(name):
     """The fused path minus one optimisation: (ops namespace, optimizer class)."""
     import types
+
+    import numpy as np
     from randygpt import threads
     from randygpt.ops import fused, reference
     from randygpt.optim import AdamW, FusedAdamW
     _, _, replaced, other = ABLATIONS[name]
     if other != "no-mallopt":
         threads.keep_freed_memory()
+    if other == "no-pool":
+        fused._empty = np.empty
     ops = types.SimpleNamespace(**{n: getattr(fused, n) for n in dir(reference)
                                    if n.endswith(("_forward", "_backward"))})
     for layer in replaced:
@@ -239,6 +244,8 @@ def torch_trainer(cfg):
 
 def worker(impl, config_name, warmup):
     t_start = time.perf_counter()
+    if impl != "torch":
+        import randygpt  # noqa: F401  first: its thread policy must precede NumPy's OpenBLAS
     cfg = CONFIGS[config_name]
     step = torch_trainer(cfg) if impl == "torch" else randygpt_trainer(cfg, impl)
     t0 = time.perf_counter()

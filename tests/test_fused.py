@@ -71,16 +71,18 @@ def test_rmsnorm(dtype, shape, zero_gain):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_linear(dtype):
-    x, w, dout = normal(3, 5, 12, dtype=dtype), normal(12, 20, dtype=dtype), \
-        normal(3, 5, 20, dtype=dtype)
+@pytest.mark.parametrize("B,T,IN,OUT", [(3, 5, 12, 20), (2, 8, 64, 96)])
+def test_linear(dtype, B, T, IN, OUT):
+    x, w, dout = normal(B, T, IN, dtype=dtype), normal(IN, OUT, dtype=dtype), \
+        normal(B, T, OUT, dtype=dtype)
     close(fused.linear_forward(x, w), reference.linear_forward(x, w), dtype)
     for got, want in zip(fused.linear_backward(dout, x, w), reference.linear_backward(dout, x, w)):
         assert got.shape == want.shape
         close(got, want, dtype)
 
 
-# T below, at and above the 64-key blocks of the kernel; hs 1, 4, 16, 32
+# T: 1, not a multiple of the 4-row or 16-column tiles, several tiles; hs: 1 and 4 (padded
+# to a 16-wide tile), 16, 32
 @pytest.mark.parametrize("B,T,H,hs", [(2, 1, 1, 1), (2, 6, 3, 4), (3, 64, 8, 16),
                                       (1, 70, 2, 32), (1, 150, 2, 16)])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -228,7 +230,10 @@ def train_losses(ops, optimizer, steps=25):
     return np.array(losses)
 
 
-def test_training_curve_fast_equals_reference():
+@pytest.mark.parametrize("pool_everything", [False, True])
+def test_training_curve_fast_equals_reference(pool_everything, monkeypatch):
+    if pool_everything:      # every array recycled (normally only >= 1 MiB): lifetimes hold
+        monkeypatch.setattr(fused, "_empty", fused._BufferPool(min_bytes=0).empty)
     ref = train_losses(reference, AdamW)
     fast = train_losses(fused, FusedAdamW)
     assert ref[-1] < ref[0] - 0.5                                   # it does learn
@@ -272,3 +277,19 @@ def test_thread_policy_is_in_place_before_numpy_loads():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True)
     assert out.stdout.strip() == threads.DEFAULTS["OMP_WAIT_POLICY"]
+
+
+def test_buffer_pool_reuses_memory_only_after_every_view_is_gone():
+    pool = fused._BufferPool(min_bytes=64)
+    a = pool.empty((4, 8), np.float32)
+    view = a.reshape(32)[3:]                     # NumPy makes view.base the memory's owner
+    address = a.__array_interface__["data"][0]
+    del a
+    b = pool.empty((32,), np.float32)            # `view` is alive: must not get its memory
+    assert b.__array_interface__["data"][0] != address
+    view[:] = 1.0
+    assert not np.shares_memory(b, view)
+    del view
+    c = pool.empty((2, 16), np.float32)          # same size, now free: reused
+    assert c.__array_interface__["data"][0] == address
+    assert pool.empty((3,), np.float32).base is None      # small: plain np.empty

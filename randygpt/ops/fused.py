@@ -1,27 +1,31 @@
 """Fast twins of ops/reference.py for the training hot path: numba kernels, same signatures.
 
 `GPT(cfg, ops=fused)` runs on these instead of the readable reference. Each function returns
-exactly what its reference twin returns (output and gradients), to float32 round-off; only
-the opaque caches passed from a forward to its backward differ, and they are smaller:
+what its reference twin returns (output and gradients), to float32 round-off; only the opaque
+caches passed from a forward to its backward differ, and they are smaller:
 
   - linear: x is reshaped to 2-D so BLAS gets one large sgemm instead of one per batch item.
   - attention never stores the (B, H, T, T) probabilities: forward keeps the log-sum-exp of
     each row (B, H, T) and backward recomputes the probabilities from it (the flash-attention
-    idea), so memory is O(T) per row instead of O(T^2) per layer.
+    idea). Its small products run on 4 x 16 register tiles and skip blocks above the diagonal.
   - rmsnorm and squared ReLU keep only their outputs, which the model holds anyway for the
     next matmul's backward (xhat = out / g, relu(x) = sqrt(out)): no second (N, C) array.
   - dropout keeps a 1-byte keep-mask; its uniforms are drawn by the caller's NumPy Generator
     exactly as the reference draws them, so both paths drop the same units.
   - cross-entropy keeps the logits and one log-sum-exp per row, not a probability matrix.
+  - large outputs come from a pool of recycled memory (`_BufferPool`), not fresh pages.
 
-Kernels are compiled on first use and cached on disk (`cache=True`, next to this file or in
-NUMBA_CACHE_DIR). Elementwise kernels run rows in parallel (`prange`); float32 and float64
-arrays both work (float64 for the finite-difference tests), with `fastmath` allowing the
-reassociation that vectorised reductions need.
+Kernels are compiled on first use (~12 s for all of them) and cached on disk (`cache=True`:
+in __pycache__ next to this file, or numba's per-user cache directory when that is not
+writable, or NUMBA_CACHE_DIR); later runs load them in well under a second. Parallel kernels
+split rows or (batch, head) pairs into a fixed number of chunks (`prange`). float32 and
+float64 both work (float64 for the finite-difference tests); `fastmath` allows the
+reassociation that vectorised reductions need, but not nnan/ninf.
 """
 from __future__ import annotations
 
 import math
+import weakref
 
 import numba
 import numpy as np
@@ -29,7 +33,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .reference import residual_backward, residual_forward  # noqa: F401  (nothing to fuse)
+from .reference import residual_backward  # noqa: F401  (nothing to compute)
 
 # No nnan/ninf: a diverging run must still produce the inf/nan that train() checks for.
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -46,6 +50,46 @@ numba.config.SLP_VECTORIZE = 1
 def _rows(x):
     """x (..., D) -> a C-contiguous (N, D) view (or copy)."""
     return np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+
+
+class _BufferPool:
+    """Recycled memory for the large arrays the ops return.
+
+    A training step allocates the same big arrays every time. Fresh ones over 32 MiB (glibc's
+    largest heap size: config B's (B, T, 4C) activations are 64 MiB) come straight from the
+    kernel as untouched pages, and faulting them in cost ~10% of a B step. Here a block of
+    memory goes back to a free list, by size, when the last array viewing it dies, and the
+    next request of that size takes it. (Each request gets a new `_Lease` as its arrays'
+    base: NumPy collapses view chains to the memory's owner, so the lease is what every view
+    keeps alive, and its finalizer runs only after the last of them is gone.)"""
+
+    class _Lease:
+        def __init__(self, block, shape, dtype):
+            self.block = block
+            self.__array_interface__ = dict(block.__array_interface__, shape=tuple(shape),
+                                            typestr=dtype.str, strides=None)
+
+    def __init__(self, min_bytes=1 << 20):
+        self.min_bytes = min_bytes
+        self.free: dict[int, list] = {}
+
+    def empty(self, shape, dtype):
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes < self.min_bytes:
+            return np.empty(shape, dtype)
+        stack = self.free.setdefault(nbytes, [])
+        block = stack.pop() if stack else np.empty(nbytes, np.uint8)
+        lease = self._Lease(block, shape, dtype)
+        weakref.finalize(lease, stack.append, block)
+        return np.asarray(lease)
+
+
+_empty = _BufferPool().empty
+
+
+def _empty_like(x):
+    return _empty(x.shape, x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,7 +144,7 @@ def _embedding_forward(wte, wpe, idx, out):
 
 def embedding_forward(wte, wpe, idx):
     # wte (V, C), wpe (block_size, C), idx (B, T) int -> out (B, T, C)
-    out = np.empty(idx.shape + (wte.shape[1],), dtype=wte.dtype)
+    out = _empty(idx.shape + (wte.shape[1],), wte.dtype)
     _embedding_forward(wte, wpe, np.ascontiguousarray(idx), out)
     return out
 
@@ -148,7 +192,7 @@ def rmsnorm_forward(x, g, eps=1e-5):
     # x (..., C), g (C,) -> out (..., C); cache (saved, row_scale, col_scale) with
     # xhat = saved * row_scale[:, None] * col_scale[None, :]
     x2 = _rows(x)
-    out = np.empty_like(x2)
+    out = _empty_like(x2)
     rstd = np.empty(x2.shape[0], dtype=x.dtype)
     _rmsnorm_forward(x2, g, x.dtype.type(eps), out, rstd)
     if np.all(np.abs(g) > 1e-6):
@@ -179,26 +223,49 @@ def _rmsnorm_backward(dout, g, saved, row_scale, col_scale, rstd, dx, dg_parts):
 def rmsnorm_backward(dout, g, cache):
     saved, row_scale, col_scale, rstd = cache
     d2 = _rows(dout)
-    dx = np.empty_like(d2)
+    dx = _empty_like(d2)
     dg_parts = np.zeros((_CHUNKS, saved.shape[1]), dtype=saved.dtype)
     _rmsnorm_backward(d2, g, saved, row_scale, col_scale, rstd, dx, dg_parts)
     return dx.reshape(dout.shape), dg_parts.sum(axis=0)
 
 
 # --------------------------------------------------------------------------------------------
-# Linear (no bias): the reference's math, but on 2-D views. NumPy's matmul of a (B, T, IN)
-# array runs one small sgemm per batch item; one (B*T, IN) @ (IN, OUT) sgemm is 1.5-2x faster.
+# Linear (no bias): the reference's math on 2-D views. NumPy's matmul of a (B, T, IN) array
+# runs one small sgemm per batch item; one (B*T, IN) @ (IN, OUT) sgemm is 1.5-2x faster. (A
+# numba sgemm on the register tiles below was tried: it beat OpenBLAS only on some shapes.)
+
+def _matmul(a, b):
+    return np.matmul(a, b, out=_empty((a.shape[0], b.shape[1]), np.result_type(a, b)))
+
 
 def linear_forward(x, w):
     # x (..., IN), w (IN, OUT) -> out (..., OUT)
-    return (_rows(x) @ w).reshape(x.shape[:-1] + (w.shape[1],))
+    return _matmul(_rows(x), w).reshape(x.shape[:-1] + (w.shape[1],))
 
 
 def linear_backward(dout, x, w):
     # dx = dout @ W^T ;  dW = x^T dout over all positions
     d2, x2 = _rows(dout), _rows(x)
-    dx = (d2 @ w.T).reshape(x.shape)
-    return dx, x2.T @ d2
+    return _matmul(d2, w.T).reshape(x.shape), _matmul(x2.T, d2)
+
+
+# --------------------------------------------------------------------------------------------
+# Register tiles for attention's small matrix products: a product's 4 x 16 block of
+# results lives in a stack array that LLVM promotes to registers, and its SLP vectoriser turns
+# each 16-wide row update into one vector FMA. The tile functions are compiled with fastmath
+# "contract" only: with reassociation allowed, LLVM vectorises across the k loop instead
+# (gathers, much slower).
+
+_TILE_ROWS, _TILE_COLS = 4, 16
+
+
+@intrinsic
+def _stack_tile_pointer(typingctx, dtype):
+    """A 4 x 16 scratch block on the stack (an alloca, which LLVM promotes to registers)."""
+    def codegen(context, builder, signature, args):
+        size = context.get_constant(types.intp, _TILE_ROWS * _TILE_COLS)
+        return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=size)
+    return types.CPointer(dtype.dtype)(dtype), codegen
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,20 +282,6 @@ def linear_backward(dout, x, w):
 # computed for key columns up to the 16-aligned end of each 4-row block. The (T, T) matrices
 # live in per-chunk scratch for one (batch item, head) at a time, never for the whole batch.
 
-_TILE_ROWS, _TILE_COLS = 4, 16
-
-
-@intrinsic
-def _stack_tile_pointer(typingctx, dtype):
-    """A 4 x 16 scratch block on the stack (an alloca, which LLVM promotes to registers)."""
-    def codegen(context, builder, signature, args):
-        size = context.get_constant(types.intp, _TILE_ROWS * _TILE_COLS)
-        return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=size)
-    return types.CPointer(dtype.dtype)(dtype), codegen
-
-
-# fastmath without reassoc: the k loop must stay a scalar loop of 16-wide vector FMAs, not be
-# vectorised across k (which reassociation would allow and which is much slower)
 @njit(cache=True, fastmath={"contract"}, error_model="numpy")
 def _tile_product(a, a0, a_transposed, b, b0, k0, k1, dst, d0, dcol, nrows, ncols, scale):
     """dst[d0 + r, dcol + c] = scale * sum_{k0 <= k < k1} A[r, k] * b[k, b0 + c] for r < nrows,
@@ -327,7 +380,7 @@ def attention_forward(qkv, n_head):
     # qkv (B, T, 3C) -> out (B, T, C); cache (qkv, out, lse (B, H, T), n_head)
     qkv = np.ascontiguousarray(qkv)
     B, T, C3 = qkv.shape
-    out = np.empty((B, T, C3 // 3), dtype=qkv.dtype)
+    out = _empty((B, T, C3 // 3), qkv.dtype)
     lse = np.empty((B, n_head, T), dtype=qkv.dtype)
     _attention_forward(qkv, n_head, out, lse)
     return out, (qkv, out, lse, n_head)
@@ -398,7 +451,7 @@ def _attention_backward(dout, qkv, out, lse, n_head, dqkv):
 
 def attention_backward(dout, cache):
     qkv, out, lse, n_head = cache
-    dqkv = np.empty_like(qkv)
+    dqkv = _empty_like(qkv)
     _attention_backward(np.ascontiguousarray(dout), qkv, out, lse, n_head, dqkv)
     return dqkv
 
@@ -419,7 +472,7 @@ def _squared_relu_forward(x, out):
 def squared_relu_forward(x):
     # x (..., D) -> out (..., D)
     x2 = _rows(x)
-    out = np.empty_like(x2)
+    out = _empty_like(x2)
     _squared_relu_forward(x2, out)
     return out.reshape(x.shape), out
 
@@ -434,9 +487,17 @@ def _squared_relu_backward(dout, out, dx):
 
 def squared_relu_backward(dout, out):
     d2 = _rows(dout)
-    dx = np.empty_like(d2)
+    dx = _empty_like(d2)
     _squared_relu_backward(d2, out, dx)
     return dx.reshape(dout.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Residual: out = x + f(x), into recycled memory (the backward is the reference's)
+
+def residual_forward(x, fx):
+    return np.add(x, fx, out=_empty(np.broadcast_shapes(x.shape, fx.shape),
+                                    np.result_type(x, fx)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,10 +518,10 @@ def _dropout_forward(x, u, p, scale, out, keep):
 def dropout_forward(x, p, rng):
     if p == 0.0 or rng is None:
         return x, None
-    u = rng.random(x.shape, dtype="float32")
+    u = rng.random(dtype="float32", out=_empty(x.shape, np.float32))   # = rng.random(shape)
     x2 = _rows(x)
-    out = np.empty_like(x2)
-    keep = np.empty(x2.shape, dtype=np.bool_)
+    out = _empty_like(x2)
+    keep = _empty(x2.shape, np.bool_)
     scale = x.dtype.type(1.0 / (1.0 - p))
     _dropout_forward(x2, u.reshape(x2.shape), np.float32(p), scale, out, keep)
     return out.reshape(x.shape), (keep, scale)
@@ -479,7 +540,7 @@ def dropout_backward(dout, mask):
         return dout
     keep, scale = mask
     d2 = _rows(dout)
-    dx = np.empty_like(d2)
+    dx = _empty_like(d2)
     _dropout_backward(d2, keep, scale, dx)
     return dx.reshape(dout.shape)
 
@@ -529,7 +590,7 @@ def _cross_entropy_backward(logits, lse, targets, scale, dlogits):
 
 def cross_entropy_backward(cache, logits_shape, dloss=1.0):
     flat, lse, tflat, kept = cache
-    dlogits = np.empty_like(flat)
+    dlogits = _empty_like(flat)
     _cross_entropy_backward(flat, lse, tflat, dloss / kept, dlogits)
     return dlogits.reshape(logits_shape)
 
