@@ -102,7 +102,9 @@ def sgemm_peak(matmul, make, n=2048, repeats=5) -> float:
 _ELEMENTWISE = ["embedding", "rmsnorm", "squared_relu", "dropout", "cross_entropy"]
 ABLATIONS = {
     "fused": ("nothing (the full fast path)", {}, [], ""),
-    "-omp-passive": ("numba threads sleep when idle", {"OMP_WAIT_POLICY": "active"}, [], ""),
+    # libgomp's default when OMP_WAIT_POLICY is unset: spin 300k iterations, then sleep
+    "-omp-passive": ("numba threads sleep when idle (libgomp default: spin first)",
+                     {"OMP_WAIT_POLICY": "active", "GOMP_SPINCOUNT": "300000"}, [], ""),
     "-blas-timeout": ("OpenBLAS threads sleep when idle (back to 2^28 cycles of spinning)",
                       {"OPENBLAS_THREAD_TIMEOUT": "28"}, [], ""),
     "-keep-memory": ("freed memory kept for reuse (glibc mallopt)", {}, [], "no-mallopt"),

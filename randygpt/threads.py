@@ -3,11 +3,13 @@
 Two thread pools take turns on the same few cores during a training step: OpenBLAS's (the
 matmuls) and numba's OpenMP pool (the fused kernels). A pool that has just finished keeps its
 threads spinning for a while, waiting for more work, and the other pool then shares the cores
-with spinners. On this project's 2-core machine, with both pools at their defaults, a step of
-the small preset took 3.9 s instead of 0.12 s. The defaults below make an idle pool sleep at
-once (see the README's performance section for what each is worth). They only fill in what
-the user has not set: an exported variable always wins. The libraries read them once, when
-they load, which is why randygpt/__init__.py calls `apply()` before importing anything else.
+with spinners (and with any other busy process, the worst case: one step of the small preset
+took 3.9 s instead of 0.2 s while another job ran). The defaults below make an idle pool sleep
+at once; on this 2-core machine they were worth 1.5x (numba's pool) and 1.1x (OpenBLAS's)
+on the small preset (`benchmarks/compare_pytorch.py --ablation`). They only fill in what the
+user has not set: an exported variable always wins. The libraries read them once, when they
+load, which is why randygpt/__init__.py calls `apply()` before importing anything else (a
+program that imports NumPy before randygpt keeps OpenBLAS's own default).
 """
 from __future__ import annotations
 
