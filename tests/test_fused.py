@@ -127,6 +127,22 @@ def test_dropout_same_mask_bit_for_bit(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_residual_dropout_same_as_reference(dtype):
+    x, f, dout = (normal(4, 9, 33, dtype=dtype) for _ in range(3))
+    out, mask = fused.residual_dropout_forward(x, f, 0.3, np.random.default_rng(8))
+    ref_out, ref_mask = reference.residual_dropout_forward(x, f, 0.3, np.random.default_rng(8))
+    close(out, ref_out, dtype)                   # one rounding less: x + f * scale is an FMA
+    np.testing.assert_array_equal(out == x, ref_out == x)                 # the same units dropped
+    dx, df = fused.residual_dropout_backward(dout, mask)
+    ref_dx, ref_df = reference.residual_dropout_backward(dout, ref_mask)
+    np.testing.assert_array_equal(dx, ref_dx)
+    np.testing.assert_array_equal(df, ref_df)
+    plain, none = fused.residual_dropout_forward(x, f, 0.0, np.random.default_rng(8))
+    assert none is None
+    np.testing.assert_array_equal(plain, x + f)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ignore", [False, True])
 def test_cross_entropy(dtype, ignore):
     logits, targets = normal(3, 7, 11, dtype=dtype, scale=4), RNG.integers(0, 11, (3, 7))

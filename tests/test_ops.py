@@ -83,6 +83,40 @@ def test_dropout_backward_uses_same_mask():
     assert same is x and none is None
 
 
+def test_dropout_mask_is_a_fair_independent_coin():
+    # 2^20 elements: the binomial standard deviation of a fraction is at most 5e-4
+    n, sd = 1 << 20, 0.5 / 2 ** 10
+    for p in (0.1, 0.5):
+        a = ops.dropout_keep((1, 2), (n,), p)
+        b = ops.dropout_keep((1, 3), (n,), p)        # another key: another, unrelated mask
+        q = 1 - p
+        assert abs(a.mean() - q) < 5 * sd
+        assert abs((a[1:] & a[:-1]).mean() - q * q) < 5 * sd          # neighbours independent
+        assert abs((a[64:] & a[:-64]).mean() - q * q) < 5 * sd        # and a row apart
+        assert abs((a & b).mean() - q * q) < 5 * sd                   # masks independent
+    np.testing.assert_array_equal(ops.dropout_keep((7, 9), (3, 5), 0.3),
+                                  ops.dropout_keep((7, 9), (15,), 0.3).reshape(3, 5))
+
+
+def test_dropout_key_comes_from_the_generator():
+    rng = np.random.default_rng(11)
+    first, second = ops.dropout_key(rng), ops.dropout_key(rng)
+    assert first != second and first == ops.dropout_key(np.random.default_rng(11))
+    assert all(0 <= k < 1 << 32 for k in first + second)
+    assert ops.dropout_threshold(0.25) == 1 << 30 and ops.dropout_threshold(0.0) == 0
+
+
+def test_residual_dropout_is_the_composition():
+    x, f, w = RNG.normal(size=(3, 40)), RNG.normal(size=(3, 40)), RNG.normal(size=(3, 40))
+    out, mask = ops.residual_dropout_forward(x, f, 0.4, np.random.default_rng(2))
+    dropped, mask2 = ops.dropout_forward(f, 0.4, np.random.default_rng(2))
+    np.testing.assert_array_equal(out, x + dropped)
+    np.testing.assert_array_equal(mask, mask2)
+    dx, df = ops.residual_dropout_backward(w, mask)
+    check_op(lambda: weighted(ops.residual_dropout_forward(
+        x, f, 0.4, np.random.default_rng(2))[0], w), [dx, df], [x, f])
+
+
 def test_residual_backward():
     x, f, w = RNG.normal(size=(2, 3)), RNG.normal(size=(2, 3)), RNG.normal(size=(2, 3))
     dx, df = ops.residual_backward(w)

@@ -10,15 +10,19 @@ caches passed from a forward to its backward differ, and they are smaller:
     idea). Its small products run on 4 x 16 register tiles and skip blocks above the diagonal.
   - rmsnorm and squared ReLU keep only their outputs, which the model holds anyway for the
     next matmul's backward (xhat = out / g, relu(x) = sqrt(out)): no second (N, C) array.
-  - dropout keeps a 1-byte keep-mask; its uniforms are drawn by the caller's NumPy Generator
-    exactly as the reference draws them, so both paths drop the same units.
+  - dropout stores no mask: the mask is the reference's hash of each element's index under a
+    key from the caller's Generator, so both paths drop the same units, and backward hashes
+    again. It is fused with the residual add that follows it (x + dropout(f), one pass).
   - cross-entropy keeps the logits and one log-sum-exp per row, not a probability matrix.
   - large outputs come from a pool of recycled memory (`_BufferPool`), not fresh pages.
 
 Kernels are compiled on first use (~12 s for all of them) and cached on disk (`cache=True`:
 in __pycache__ next to this file, or numba's per-user cache directory when that is not
-writable, or NUMBA_CACHE_DIR); later runs load them in well under a second. Parallel kernels
-split rows or (batch, head) pairs into a fixed number of chunks (`prange`). float32 and
+writable, or NUMBA_CACHE_DIR); later runs load them in well under a second. Elementwise
+kernels are a plain `prange` over rows or elements (LLVM vectorises those bodies; a loop over
+a sub-range inside a prange of chunks came out scalar, 4x slower); reductions and attention
+split rows or (batch, head) pairs into a fixed number of chunks, so that their sums do not
+depend on the number of threads. float32 and
 float64 both work (float64 for the finite-difference tests); `fastmath` allows the
 reassociation that vectorised reductions need, but not nnan/ninf.
 """
@@ -31,8 +35,9 @@ import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
+from . import reference
 from .reference import residual_backward  # noqa: F401  (nothing to compute)
 
 # No nnan/ninf: a diverging run must still produce the inf/nan that train() checks for.
@@ -95,20 +100,29 @@ def _empty_like(x):
 # --------------------------------------------------------------------------------------------
 # A fast exp for softmax: inputs are <= 0 (max-shifted). exp(x) = 2^k * e^f with
 # k = round(x / ln2), |f| <= ln2/2, e^f from a degree-6 Taylor polynomial (relative error
-# < 2e-7 in float32), and 2^k added straight into the float's exponent bits. Written as two
-# plain loops so LLVM vectorises both; float64 arrays use the exact math.exp.
+# < 3e-7 in float32), and 2^k built straight from its exponent bits. It is a scalar function
+# that numba inlines, so the loops that call it vectorise; float64 uses the exact math.exp.
 
-@_jit
-def _exp_inplace(s, n, ibuf):
-    # s (>= n,) values <= 0; ibuf (>= n,) int32 scratch
-    if s.itemsize != 4:                                     # float64: exact
-        for j in range(n):
-            s[j] = math.exp(s[j])
-        return
-    bits = s.view(np.int32)
-    for j in range(n):
-        x = max(s[j], np.float32(-87.0))                   # below this exp underflows float32
-        k = math.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose IEEE bit pattern is the int32 `bits` (a bitcast, no conversion)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+    return types.float32(types.int32), codegen
+
+
+def _exp_nonpositive(x):
+    return math.exp(x)
+
+
+@overload(_exp_nonpositive, inline="always")
+def _exp_nonpositive_impl(x):
+    if x != types.float32:
+        return lambda x: math.exp(x)
+
+    def exp_float32(x):
+        x = max(x, np.float32(-87.0))                      # below this exp underflows float32
+        k = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
         f = x - k * np.float32(0.693145751953125)          # ln2 split in two (Cody-Waite)
         f = f - k * np.float32(1.428606765330187e-06)
         p = np.float32(1.0 / 720.0)
@@ -118,16 +132,20 @@ def _exp_inplace(s, n, ibuf):
         p = p * f + np.float32(0.5)
         p = p * f + np.float32(1.0)
         p = p * f + np.float32(1.0)
-        s[j] = p
-        ibuf[j] = np.int32(k) << 23
-    for j in range(n):
-        bits[j] += ibuf[j]
+        return p * _float32_from_bits((np.int32(k) + np.int32(127)) << 23)   # p * 2^k
+    return exp_float32
+
+
+@_jit
+def _exp_array(x):
+    for i in range(x.size):
+        x[i] = _exp_nonpositive(x[i])
 
 
 def fast_exp(x):
     """exp of an array of values <= 0 through the kernel above (for tests)."""
     out = np.array(x, copy=True).reshape(-1)
-    _exp_inplace(out, out.size, np.empty(out.size, np.int32))
+    _exp_array(out)
     return out.reshape(np.shape(x))
 
 
@@ -338,7 +356,6 @@ def _attention_forward(qkv, n_head, out, lse):
         kt = np.zeros((hp, Tc), dtype=dt)              # zero-padded to whole tiles
         v = np.zeros((Tc, hp), dtype=dt)
         P = np.empty((Tr, Tc), dtype=dt)               # scores, then probabilities
-        ibuf = np.empty(Tc, dtype=np.int32)
         for bh in range(chunk * per_chunk, min(pairs, (chunk + 1) * per_chunk)):
             b, h = bh // n_head, bh % n_head
             qo, ko, vo = h * hs, C + h * hs, 2 * C + h * hs
@@ -360,9 +377,8 @@ def _attention_forward(qkv, n_head, out, lse):
                     m = row[0]
                     for j in range(1, t + 1):
                         m = max(m, row[j])
-                    for j in range(jend):
-                        row[j] -= m
-                    _exp_inplace(row, jend, ibuf)
+                    for j in range(t + 1):
+                        row[j] = _exp_nonpositive(row[j] - m)
                     row[t + 1:jend] = 0.0                                  # the future
                     total = row[0] * 0
                     for j in range(t + 1):
@@ -406,7 +422,6 @@ def _attention_backward(dout, qkv, out, lse, n_head, dqkv):
         D = np.empty(T, dtype=dt)                      # D_t = dy_t . y_t
         P = np.empty((Tc, Tc), dtype=dt)
         dS = np.empty((Tc, Tc), dtype=dt)
-        ibuf = np.empty(Tc, dtype=np.int32)
         for bh in range(chunk * per_chunk, min(pairs, (chunk + 1) * per_chunk)):
             b, h = bh // n_head, bh % n_head
             qo, ko, vo = h * hs, C + h * hs, 2 * C + h * hs
@@ -432,9 +447,8 @@ def _attention_backward(dout, qkv, out, lse, n_head, dqkv):
                         drow[:jend] = 0.0
                         continue
                     l = lse[b, h, t]
-                    for j in range(jend):
-                        prow[j] -= l
-                    _exp_inplace(prow, jend, ibuf)                         # P = e^(S - lse)
+                    for j in range(t + 1):
+                        prow[j] = _exp_nonpositive(prow[j] - l)             # P = e^(S - lse)
                     prow[t + 1:jend] = 0.0
                     Dt = D[t]
                     for j in range(jend):
@@ -493,56 +507,89 @@ def squared_relu_backward(dout, out):
 
 
 # --------------------------------------------------------------------------------------------
-# Residual: out = x + f(x), into recycled memory (the backward is the reference's)
+# Dropout (inverted) and the residual add after it. The keep mask is the reference's hash of
+# each element's flat index (reference.dropout_keep), computed here in parallel and never
+# stored: backward hashes the indices again. Kept units are scaled by 1/(1-p) in x's
+# precision, so outputs match the reference bit for bit.
 
-def residual_forward(x, fx):
-    return np.add(x, fx, out=_empty(np.broadcast_shapes(x.shape, fx.shape),
-                                    np.result_type(x, fx)))
+@njit(inline="always")
+def _mix32(h):
+    # reference.mix32 on one uint32 (each product truncated back to 32 bits)
+    h ^= h >> np.uint32(16)
+    h = np.uint32(h * np.uint32(0x7FEB352D))
+    h ^= h >> np.uint32(15)
+    h = np.uint32(h * np.uint32(0x846CA68B))
+    h ^= h >> np.uint32(16)
+    return h
 
 
-# --------------------------------------------------------------------------------------------
-# Dropout (inverted). The uniforms come from rng.random(shape, dtype=float32), as in the
-# reference, so the same generator state drops the same units; kept units are scaled by
-# 1/(1-p) in x's precision, so outputs match the reference bit for bit.
+@njit(inline="always")
+def _kept(i, k0, k1, threshold):
+    return _mix32(_mix32(np.uint32(i) ^ k0) ^ k1) >= threshold
+
 
 @_pjit
-def _dropout_forward(x, u, p, scale, out, keep):
-    N, D = x.shape
-    for i in prange(N):
-        for c in range(D):
-            k = u[i, c] >= p
-            keep[i, c] = k
-            out[i, c] = x[i, c] * scale if k else 0
+def _dropout(src, k0, k1, threshold, scale, out):
+    # out = src * keep * scale; all arrays flat (n,)
+    for i in prange(src.size):
+        out[i] = src[i] * scale if _kept(i, k0, k1, threshold) else 0
+
+
+@_pjit
+def _residual_dropout(x, fx, k0, k1, threshold, scale, out):
+    # out = x + fx * keep * scale; all arrays flat (n,)
+    for i in prange(fx.size):
+        out[i] = x[i] + fx[i] * scale if _kept(i, k0, k1, threshold) else x[i]
+
+
+def _dropout_mask(x, p, rng):
+    """The cache of a dropout: (k0, k1, threshold, scale) as the kernels take them."""
+    if x.size > 1 << 32:
+        raise ValueError(f"dropout hashes 32-bit indices: {x.size} elements is too many")
+    k0, k1 = reference.dropout_key(rng)
+    return (np.uint32(k0), np.uint32(k1), np.uint32(reference.dropout_threshold(p)),
+            x.dtype.type(1.0 / (1.0 - p)))
+
+
+def _flat(x):
+    return np.ascontiguousarray(x).reshape(-1)
 
 
 def dropout_forward(x, p, rng):
     if p == 0.0 or rng is None:
         return x, None
-    u = rng.random(dtype="float32", out=_empty(x.shape, np.float32))   # = rng.random(shape)
-    x2 = _rows(x)
-    out = _empty_like(x2)
-    keep = _empty(x2.shape, np.bool_)
-    scale = x.dtype.type(1.0 / (1.0 - p))
-    _dropout_forward(x2, u.reshape(x2.shape), np.float32(p), scale, out, keep)
-    return out.reshape(x.shape), (keep, scale)
-
-
-@_pjit
-def _dropout_backward(dout, keep, scale, dx):
-    N, D = dout.shape
-    for i in prange(N):
-        for c in range(D):
-            dx[i, c] = dout[i, c] * scale if keep[i, c] else 0
+    mask = _dropout_mask(x, p, rng)
+    out = _empty_like(x)
+    _dropout(_flat(x), *mask, out.reshape(-1))
+    return out, mask
 
 
 def dropout_backward(dout, mask):
     if mask is None:
         return dout
-    keep, scale = mask
-    d2 = _rows(dout)
-    dx = _empty_like(d2)
-    _dropout_backward(d2, keep, scale, dx)
-    return dx.reshape(dout.shape)
+    dx = _empty_like(dout)
+    _dropout(_flat(dout), *mask, dx.reshape(-1))
+    return dx
+
+
+def residual_forward(x, fx):
+    # out = x + f(x), into recycled memory (the backward is the reference's)
+    return np.add(x, fx, out=_empty(np.broadcast_shapes(x.shape, fx.shape),
+                                    np.result_type(x, fx)))
+
+
+def residual_dropout_forward(x, fx, p, rng):
+    # x, fx (..., C) -> x + dropout(fx) in one pass; cache: the mask's key
+    if p == 0.0 or rng is None:
+        return residual_forward(x, fx), None
+    mask = _dropout_mask(fx, p, rng)
+    out = _empty(fx.shape, fx.dtype)
+    _residual_dropout(_flat(x), _flat(fx), *mask, out.reshape(-1))
+    return out, mask
+
+
+def residual_dropout_backward(dout, mask):
+    return dout, dropout_backward(dout, mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -558,7 +605,7 @@ def _cross_entropy_forward(logits, targets, lse, losses):
             m = max(m, logits[i, v])
         total = logits[i, 0] * 0
         for v in range(V):
-            total += math.exp(logits[i, v] - m)
+            total += _exp_nonpositive(logits[i, v] - m)
         lse[i] = m + math.log(total)
         tgt = targets[i]
         losses[i] = lse[i] - logits[i, tgt] if tgt >= 0 else 0
@@ -583,8 +630,9 @@ def _cross_entropy_backward(logits, lse, targets, scale, dlogits):
         if tgt < 0:
             dlogits[i, :] = 0
             continue
+        lse_i = logits.dtype.type(lse[i])                 # logits' precision: the fast exp
         for v in range(V):
-            dlogits[i, v] = math.exp(logits[i, v] - lse[i]) * scale
+            dlogits[i, v] = _exp_nonpositive(logits[i, v] - lse_i) * scale
         dlogits[i, tgt] -= scale
 
 
@@ -604,14 +652,11 @@ def cross_entropy_backward(cache, logits_shape, dloss=1.0):
 def adamw_update(params, grad, m, v, decay_mask, lr, beta1, one_minus_beta1, beta2,
                  one_minus_beta2, eps, weight_decay, mhat_scale, vhat_scale):
     # every array (N,) of one dtype; every scalar already of that dtype
-    n = params.size
-    chunk = 4096
-    for k in prange((n + chunk - 1) // chunk):
-        for i in range(k * chunk, min(n, (k + 1) * chunk)):
-            g = grad[i]
-            mi = beta1 * m[i] + one_minus_beta1 * g
-            vi = beta2 * v[i] + one_minus_beta2 * g * g
-            m[i] = mi
-            v[i] = vi
-            update = (mi * mhat_scale) / (math.sqrt(vi * vhat_scale) + eps)
-            params[i] -= lr * (update + weight_decay * decay_mask[i] * params[i])
+    for i in prange(params.size):
+        g = grad[i]
+        mi = beta1 * m[i] + one_minus_beta1 * g
+        vi = beta2 * v[i] + one_minus_beta2 * g * g
+        m[i] = mi
+        v[i] = vi
+        update = (mi * mhat_scale) / (math.sqrt(vi * vhat_scale) + eps)
+        params[i] -= lr * (update + weight_decay * decay_mask[i] * params[i])

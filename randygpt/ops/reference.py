@@ -143,14 +143,55 @@ def squared_relu_backward(dout, r):
 
 
 # --------------------------------------------------------------------------------------------
-# Dropout (inverted): out = x * mask, mask = keep / (1 - p); backward uses the same mask
+# Dropout (inverted): out = x * keep / (1 - p); backward uses the same mask.
+#
+# The keep mask is a hash of each element's flat index under a key drawn from `rng`, not a
+# stream of random numbers: any implementation (this one, a parallel kernel, a GPU) makes the
+# same mask from the same key, in any order, and a backward kernel can rebuild it instead of
+# storing it. The hash is two rounds of lowbias32 (C. Wellons' integer hash, a bijection of
+# uint32 with near-ideal avalanche), keyed before each round: h = mix(mix(i ^ k0) ^ k1).
+# An element is kept when h >= p * 2^32, i.e. with probability 1 - p (to 2^-32).
+
+def dropout_key(rng):
+    """Two 32-bit keys drawn from a NumPy (or CuPy) Generator: one mask's worth of randomness."""
+    k0, k1 = rng.integers(0, 1 << 32, size=2, dtype=np.uint64)
+    return int(k0), int(k1)
+
+
+def dropout_threshold(p):
+    """Hashes below this are dropped: round(p * 2^32), as a uint32."""
+    return min(round(p * 2.0 ** 32), 2 ** 32 - 1)
+
+
+def mix32(h):
+    # lowbias32 on a uint32 array, in place: shifts and multiplies wrap modulo 2^32
+    h ^= h >> 16
+    h *= 0x7FEB352D
+    h ^= h >> 15
+    h *= 0x846CA68B
+    h ^= h >> 16
+    return h
+
+
+def dropout_keep(key, shape, p, xp=np):
+    """The keep mask (bools of `shape`) that `key` gives at drop probability p."""
+    k0, k1 = key
+    n = math.prod(shape)
+    if n > 1 << 32:
+        raise ValueError(f"dropout hashes 32-bit indices: {n} elements is too many")
+    h = xp.arange(n, dtype=xp.uint32)
+    h ^= xp.uint32(k0)
+    h = mix32(h)
+    h ^= xp.uint32(k1)
+    h = mix32(h)
+    return (h >= xp.uint32(dropout_threshold(p))).reshape(shape)
+
 
 def dropout_forward(x, p, rng):
     # rng: a Generator of x's array module; p == 0 or rng None -> identity, no mask
     if p == 0.0 or rng is None:
         return x, None
-    # uniforms always drawn in float32: the same seed gives the same mask at any precision
-    keep = rng.random(x.shape, dtype="float32") >= p
+    keep = dropout_keep(dropout_key(rng), x.shape, p, array_module(x))
     mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p))
     return x * mask, mask
 
@@ -168,6 +209,20 @@ def residual_forward(x, fx):
 
 def residual_backward(dout):
     return dout, dout
+
+
+# --------------------------------------------------------------------------------------------
+# Residual after dropout, as each block half ends: out = x + dropout(f(x)). Only the
+# composition of the two layers above; fused kernels do it in one pass.
+
+def residual_dropout_forward(x, fx, p, rng):
+    dropped, mask = dropout_forward(fx, p, rng)
+    return residual_forward(x, dropped), mask
+
+
+def residual_dropout_backward(dout, mask):
+    dx, ddropped = residual_backward(dout)
+    return dx, dropout_backward(ddropped, mask)
 
 
 # --------------------------------------------------------------------------------------------
