@@ -99,7 +99,7 @@ def sgemm_peak(matmul, make, n=2048, repeats=5) -> float:
 
 # --ablation: the fused path with one optimisation taken back out at a time. Each entry is
 # (what it removes, environment overrides, ops replaced by the reference's, other changes).
-_ELEMENTWISE = ["embedding", "rmsnorm", "squared_relu", "dropout", "cross_entropy"]
+_ELEMENTWISE = ["embedding", "rmsnorm", "squared_relu", "residual_dropout", "cross_entropy"]
 ABLATIONS = {
     "fused": ("nothing (the full fast path)", {}, [], ""),
     # libgomp's default when OMP_WAIT_POLICY is unset: spin 300k iterations, then sleep
@@ -111,6 +111,8 @@ ABLATIONS = {
     "-buffer-pool": ("large arrays recycled by size (ops/fused._BufferPool)", {}, [], "no-pool"),
     "-attention": ("fused attention (reference: stores B*H*T*T probabilities)", {},
                    ["attention"], ""),
+    "-own-sgemm": ("own AVX-512 sgemm for x @ W and dout @ W^T (OpenBLAS's instead)", {}, [],
+                   "no-own-sgemm"),
     "-linear-2d": ("2-D matmuls (reference: one sgemm per batch item)", {}, ["linear"], ""),
     "-elementwise": ("fused norm/ReLU^2/dropout/embedding/cross-entropy kernels", {},
                      _ELEMENTWISE, ""),
@@ -131,6 +133,8 @@ def ablated_ops(name):
         threads.keep_freed_memory()
     if other == "no-pool":
         fused._empty = np.empty
+    if other == "no-own-sgemm":
+        fused.USE_OWN_SGEMM = False
     ops = types.SimpleNamespace(**{n: getattr(fused, n) for n in dir(reference)
                                    if n.endswith(("_forward", "_backward"))})
     for layer in replaced:

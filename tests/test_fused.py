@@ -71,14 +71,36 @@ def test_rmsnorm(dtype, shape, zero_gain):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,T,IN,OUT", [(3, 5, 12, 20), (2, 8, 64, 96)])
-def test_linear(dtype, B, T, IN, OUT):
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (5, 7, 3), (6, 128, 64), (97, 130, 128),
+                                   (203, 64, 200), (300, 256, 67)])
+def test_own_sgemm_matches_matmul(dtype, M, K, N):
+    # rows not a multiple of the 6-row block or the 96-row chunk, columns not whole 64-wide
+    # panels (padded), B C-contiguous or a transposed view (copied)
+    a, b = normal(M, K, dtype=dtype), normal(K, N, dtype=dtype)
+    close(fused.sgemm(a, b), a @ b, dtype)
+    bt = np.asfortranarray(b)
+    out = np.full((M, N), np.nan, dtype=dtype)
+    assert fused.sgemm(a, bt, out) is out
+    close(out, a @ b, dtype)
+
+
+@pytest.mark.parametrize("own_sgemm", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,IN,OUT", [(3, 5, 12, 20), (2, 8, 64, 96), (4, 50, 128, 192)])
+def test_linear(dtype, B, T, IN, OUT, own_sgemm, monkeypatch):
+    # the last shape takes the own sgemm for x @ W and dout @ W^T (when the CPU has AVX-512,
+    # or forced here): float32, whole 64-column panels, >= 128 summed terms
+    monkeypatch.setattr(fused, "USE_OWN_SGEMM", own_sgemm)
+    calls = []
+    monkeypatch.setattr(fused, "sgemm", lambda *a, _f=fused.sgemm: calls.append(1) or _f(*a))
     x, w, dout = normal(B, T, IN, dtype=dtype), normal(IN, OUT, dtype=dtype), \
         normal(B, T, OUT, dtype=dtype)
     close(fused.linear_forward(x, w), reference.linear_forward(x, w), dtype)
     for got, want in zip(fused.linear_backward(dout, x, w), reference.linear_backward(dout, x, w)):
         assert got.shape == want.shape
         close(got, want, dtype)
+    takes_own = own_sgemm and dtype == np.float32 and IN == 128
+    assert len(calls) == (2 if takes_own else 0)
 
 
 # T: 1, not a multiple of the 4-row or 16-column tiles, several tiles; hs: 1 and 4 (padded
