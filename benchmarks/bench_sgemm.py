@@ -3,10 +3,11 @@
     .venv/bin/python benchmarks/bench_sgemm.py [--configs A B] [--repeats 30]
 
 For each linear layer of configs A (small preset, 2048 positions, 128 channels) and B (16384
-positions, 256 channels): the forward x @ W, the input gradient dout @ W^T, and, for
-reference, the weight gradient x^T dout, which training leaves on OpenBLAS. Both run in
-this process, alternating call by call; prints median GFLOP/s and the ratio, and the sum over
-one training step. Also prints the environment that steers OpenBLAS (OPENBLAS_CORETYPE) and
+positions, 256 channels): the forward x @ W and the input gradient dout @ W^T (fused.sgemm),
+and the weight gradient x^T dout (fused._gemm_deep, split over positions). Both run in this
+process, alternating call by call; prints median GFLOP/s, the ratio, which one training
+takes for that shape (fused._matmul's and fused._weight_gradient's rules), and the sum
+over one training step. Also prints the environment that steers OpenBLAS (OPENBLAS_CORETYPE) and
 whether this CPU has AVX-512 (training uses the own sgemm only then).
 """
 import argparse
@@ -57,14 +58,17 @@ def main(argv=None):
             x = rng.standard_normal((N, i)).astype(np.float32)
             w = rng.standard_normal((i, o)).astype(np.float32)
             d = rng.standard_normal((N, o)).astype(np.float32)
-            for product, a, b, used in (("x @ W", x, w, True), ("dout @ W^T", d, w.T, True),
-                                        ("x^T dout", x.T, d, False)):
+            for product, a, b in (("x @ W", x, w), ("dout @ W^T", d, w.T), ("x^T dout", x.T, d)):
                 out = np.empty((a.shape[0], b.shape[1]), np.float32)
+                own = fused._gemm_deep if product == "x^T dout" else fused.sgemm
                 t_ob, t_own = timed_pair(lambda: np.matmul(a, b, out=out),
-                                         lambda: fused.sgemm(a, b, out), args.repeats)
+                                         lambda: own(a, b, out), args.repeats)
                 flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
-                # what training runs: fused._matmul's rule (own sgemm for x @ W, dout @ W^T)
-                takes_own = used and b.shape[1] % 64 == 0 and a.shape[1] >= 128
+                M, K, Nc = a.shape[0], a.shape[1], b.shape[1]
+                if product == "x^T dout":         # fused._weight_gradient's rule
+                    takes_own = Nc % 64 == 0 and M * Nc >= 1 << 15 and K >= 4 * M
+                else:                               # fused._matmul's rule
+                    takes_own = Nc % 64 == 0 and K >= 128
                 times = L if layer != "lm_head" else 1
                 step["OpenBLAS"] += times * t_ob
                 step["own"] += times * (t_own if takes_own and fused.USE_OWN_SGEMM else t_ob)

@@ -84,15 +84,29 @@ def test_own_sgemm_matches_matmul(dtype, M, K, N):
     close(out, a @ b, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K,M,N", [(3, 2, 5), (7, 13, 64), (1000, 20, 70), (2100, 128, 256)])
+def test_own_weight_gradient_kernel_matches_matmul(dtype, K, M, N):
+    # a long sum (K positions) cut into 8 parts and 256-deep blocks, none of them whole; fewer
+    # positions than parts; rows and columns not whole 6 x 64 blocks; A a transposed view
+    x, d = normal(K, M, dtype=dtype), normal(K, N, dtype=dtype)
+    out = np.full((M, N), np.nan, dtype=dtype)
+    fused._gemm_deep(x.T, d, out)
+    close(out, x.T @ d, dtype)
+
+
 @pytest.mark.parametrize("own_sgemm", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,T,IN,OUT", [(3, 5, 12, 20), (2, 8, 64, 96), (4, 50, 128, 192)])
+@pytest.mark.parametrize("B,T,IN,OUT", [(3, 5, 12, 20), (2, 8, 64, 96), (4, 50, 128, 192),
+                                        (4, 130, 128, 256)])
 def test_linear(dtype, B, T, IN, OUT, own_sgemm, monkeypatch):
-    # the last shape takes the own sgemm for x @ W and dout @ W^T (when the CPU has AVX-512,
+    # the last shapes take the own sgemm for x @ W and dout @ W^T (when the CPU has AVX-512,
     # or forced here): float32, whole 64-column panels, >= 128 summed terms
     monkeypatch.setattr(fused, "USE_OWN_SGEMM", own_sgemm)
     calls = []
     monkeypatch.setattr(fused, "sgemm", lambda *a, _f=fused.sgemm: calls.append(1) or _f(*a))
+    monkeypatch.setattr(fused, "_gemm_deep",
+                        lambda *a, _f=fused._gemm_deep: calls.append(2) or _f(*a))
     x, w, dout = normal(B, T, IN, dtype=dtype), normal(IN, OUT, dtype=dtype), \
         normal(B, T, OUT, dtype=dtype)
     close(fused.linear_forward(x, w), reference.linear_forward(x, w), dtype)
@@ -100,7 +114,9 @@ def test_linear(dtype, B, T, IN, OUT, own_sgemm, monkeypatch):
         assert got.shape == want.shape
         close(got, want, dtype)
     takes_own = own_sgemm and dtype == np.float32 and IN == 128
-    assert len(calls) == (2 if takes_own else 0)
+    # x @ W and dout @ W^T; the weight gradient too once C is large and the sum long
+    expected = ([1, 1] + ([2] if OUT == 256 else [])) if takes_own else []
+    assert sorted(calls) == expected
 
 
 # T: 1, not a multiple of the 4-row or 16-column tiles, several tiles; hs: 1 and 4 (padded

@@ -282,8 +282,8 @@ _stack_tile_pointer = _stack_block(_TILE_ROWS * _TILE_COLS)
 # host, and a 6 x 64 block of C in 24 vector registers runs at ~265 GFLOP/s per core against
 # OpenBLAS's ~120 (benchmarks/bench_sgemm.py). Rows of C are split over threads; each 6-row
 # block of A meets B's 64-column panels straight from memory (C-contiguous B, padded to whole
-# panels), no packing. The weight gradient x^T dout (a long sum over positions, a short C)
-# stays on OpenBLAS, which is as fast there. Other CPUs and float64 use OpenBLAS throughout.
+# panels), no packing. The weight gradient x^T dout (a long sum over positions into a small
+# C) has its own kernel below. Other CPUs and float64 use OpenBLAS throughout.
 
 _GEMM_ROWS, _GEMM_COLS = 6, 64        # the block of C one micro-kernel call keeps in registers
 _GEMM_CHUNK = 96                      # rows of C per parallel work item
@@ -342,6 +342,76 @@ def _gemm(a, b, c):
                                     min(_GEMM_COLS, N - j0))
 
 
+# The weight gradient x^T dout sums over all positions (K = B*T, long) into a small C (IN x
+# OUT), so rows of C are too few to split. Instead K is cut into _GEMM_SPLITS fixed parts,
+# multiplied in parallel into partial C's and summed in a fixed order (the same result for
+# any thread count). Within a part, K goes in blocks of _GEMM_DEPTH: each block's B is
+# packed into 64-column panels and A into 6-row panels, contiguous in k, which keeps strided
+# reads (A is x^T, a transposed view) out of the inner loop.
+
+_GEMM_SPLITS, _GEMM_DEPTH = 8, 256
+
+
+@njit(cache=True, fastmath={"contract"}, error_model="numpy")
+def _gemm_panel_product(a_panel, b_panel, depth, c, i0, j0, nrows, ncols, accumulate):
+    """c[i0 + r, j0 + j] (+)= sum_k a_panel[k, r] * b_panel[k, j], k < depth: packed panels
+    a_panel (>= depth, 6), b_panel (>= depth, 64); the 6 x 64 block of sums in registers."""
+    acc = numba.carray(_gemm_block(a_panel.dtype), (_GEMM_ROWS, _GEMM_COLS))
+    for r in range(_GEMM_ROWS):
+        for j in range(_GEMM_COLS):
+            acc[r, j] = 0
+    for k in range(depth):
+        a_k, b_k = a_panel[k], b_panel[k]
+        for r in range(_GEMM_ROWS):
+            a_rk = a_k[r]
+            for j in range(_GEMM_COLS):
+                acc[r, j] += a_rk * b_k[j]
+    for r in range(nrows):
+        c_row = c[i0 + r]
+        if accumulate:
+            for j in range(ncols):
+                c_row[j0 + j] += acc[r, j]
+        else:
+            for j in range(ncols):
+                c_row[j0 + j] = acc[r, j]
+
+
+@_pjit
+def _gemm_deep(a, b, c):
+    # c (M, N) = a (M, K) @ b (K, N) for K >> M (any layouts)
+    M, K = a.shape
+    N = c.shape[1]
+    n_panels = (N + _GEMM_COLS - 1) // _GEMM_COLS
+    n_row_panels = (M + _GEMM_ROWS - 1) // _GEMM_ROWS
+    per_split = (K + _GEMM_SPLITS - 1) // _GEMM_SPLITS
+    partial = np.empty((_GEMM_SPLITS, M, N), dtype=c.dtype)
+    for split in prange(_GEMM_SPLITS):
+        b_packed = np.zeros((n_panels, _GEMM_DEPTH, _GEMM_COLS), dtype=c.dtype)
+        a_packed = np.zeros((n_row_panels, _GEMM_DEPTH, _GEMM_ROWS), dtype=c.dtype)
+        k_start, k_end = split * per_split, min(K, (split + 1) * per_split)
+        for k0 in range(k_start, k_end, _GEMM_DEPTH):
+            depth = min(_GEMM_DEPTH, k_end - k0)
+            for k in range(depth):
+                for j in range(N):
+                    b_packed[j // _GEMM_COLS, k, j % _GEMM_COLS] = b[k0 + k, j]
+                for i in range(M):
+                    a_packed[i // _GEMM_ROWS, k, i % _GEMM_ROWS] = a[i, k0 + k]
+            for p in range(n_panels):
+                for m in range(n_row_panels):
+                    _gemm_panel_product(a_packed[m], b_packed[p], depth, partial[split],
+                                        m * _GEMM_ROWS, p * _GEMM_COLS,
+                                        min(_GEMM_ROWS, M - m * _GEMM_ROWS),
+                                        min(_GEMM_COLS, N - p * _GEMM_COLS), k0 > k_start)
+        if k_start >= k_end:
+            partial[split] = 0
+    for i in prange(M):
+        for j in range(N):
+            total = partial[0, i, j]
+            for split in range(1, _GEMM_SPLITS):
+                total += partial[split, i, j]
+            c[i, j] = total
+
+
 def sgemm(a, b, out=None):
     """a (M, K) @ b (K, N) on the kernel above (any float dtype; made for float32)."""
     a = np.ascontiguousarray(a)
@@ -372,8 +442,19 @@ def linear_forward(x, w):
 def linear_backward(dout, x, w):
     # dx = dout @ W^T ;  dW = x^T dout over all positions (OpenBLAS: see above)
     d2, x2 = _rows(dout), _rows(x)
-    dw = np.matmul(x2.T, d2, out=_empty((x2.shape[1], d2.shape[1]), d2.dtype))
-    return _matmul(d2, w.T).reshape(x.shape), dw
+    return _matmul(d2, w.T).reshape(x.shape), _weight_gradient(x2, d2)
+
+
+def _weight_gradient(x2, d2):
+    # x2 (N, IN), d2 (N, OUT) -> x2^T d2 (IN, OUT): the own split-K kernel where it beats
+    # OpenBLAS (benchmarks/bench_sgemm.py: not on small C such as 128 x 128)
+    IN, OUT = x2.shape[1], d2.shape[1]
+    dw = _empty((IN, OUT), d2.dtype)
+    if USE_OWN_SGEMM and dw.dtype == np.float32 and OUT % _GEMM_COLS == 0 \
+            and IN * OUT >= 1 << 15 and x2.shape[0] >= 4 * IN:
+        _gemm_deep(x2.T, d2, dw)
+        return dw
+    return np.matmul(x2.T, d2, out=dw)
 
 
 # --------------------------------------------------------------------------------------------
