@@ -3,11 +3,11 @@
     .venv/bin/python benchmarks/bench_sgemm.py [--configs A B] [--repeats 30]
 
 For each linear layer of configs A (small preset, 2048 positions, 128 channels) and B (16384
-positions, 256 channels): the forward x @ W and the input gradient dout @ W^T (fused.sgemm),
-and the weight gradient x^T dout (fused._gemm_deep, split over positions). Both run in this
+positions, 256 channels): the forward x @ W and the input gradient dout @ W^T (sgemm.sgemm),
+and the weight gradient x^T dout (sgemm.sgemm_deep, split over positions). Both run in this
 process, alternating call by call; prints median GFLOP/s, the ratio, which one training
-takes for that shape (fused._matmul's and fused._weight_gradient's rules), and the sum
-over one training step. Also prints the environment that steers OpenBLAS (OPENBLAS_CORETYPE) and
+takes for that shape (sgemm.takes_rows / takes_deep, the rules ops/fused.py follows), and
+the sum over one training step. Also prints the environment that steers OpenBLAS (OPENBLAS_CORETYPE) and
 whether this CPU has AVX-512 (training uses the own sgemm only then).
 """
 import argparse
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import randygpt  # noqa: E402,F401  (thread policy before NumPy)
 import numpy as np  # noqa: E402
 
-from randygpt.ops import fused  # noqa: E402
+from randygpt.ops import sgemm  # noqa: E402
 
 CONFIGS = {"A": (2048, 128, 6), "B": (16384, 256, 6)}     # positions, channels, layers
 VOCAB = 67
@@ -46,7 +46,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args(argv)
     print(f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; this CPU has "
-          f"AVX-512, so training uses the own sgemm: {fused.USE_OWN_SGEMM}")
+          f"AVX-512, so training uses the own sgemm: {sgemm.USE_OWN_SGEMM}")
     rng = np.random.default_rng(0)
     for name in args.configs:
         N, C, L = CONFIGS[name]
@@ -60,18 +60,15 @@ def main(argv=None):
             d = rng.standard_normal((N, o)).astype(np.float32)
             for product, a, b in (("x @ W", x, w), ("dout @ W^T", d, w.T), ("x^T dout", x.T, d)):
                 out = np.empty((a.shape[0], b.shape[1]), np.float32)
-                own = fused._gemm_deep if product == "x^T dout" else fused.sgemm
+                deep = product == "x^T dout"
+                own = sgemm.sgemm_deep if deep else sgemm.sgemm
                 t_ob, t_own = timed_pair(lambda: np.matmul(a, b, out=out),
                                          lambda: own(a, b, out), args.repeats)
                 flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
-                M, K, Nc = a.shape[0], a.shape[1], b.shape[1]
-                if product == "x^T dout":         # fused._weight_gradient's rule
-                    takes_own = Nc % 64 == 0 and M * Nc >= 1 << 15 and K >= 4 * M
-                else:                               # fused._matmul's rule
-                    takes_own = Nc % 64 == 0 and K >= 128
+                takes_own = (sgemm.takes_deep if deep else sgemm.takes_rows)(a, b, np.float32)
                 times = L if layer != "lm_head" else 1
                 step["OpenBLAS"] += times * t_ob
-                step["own"] += times * (t_own if takes_own and fused.USE_OWN_SGEMM else t_ob)
+                step["own"] += times * (t_own if takes_own and sgemm.USE_OWN_SGEMM else t_ob)
                 note = "" if takes_own else "  (training: OpenBLAS)"
                 print(f"  {layer:<12}{product:<16}{flops / t_ob / 1e9:>7.0f} GF"
                       f"{flops / t_own / 1e9:>7.0f} GF{t_ob / t_own:>7.2f}x{note}")

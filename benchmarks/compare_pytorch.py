@@ -98,21 +98,21 @@ def peak_rss_mb() -> float:
 
 
 def own_sgemm_peak(repeats=20) -> float:
-    """Best GFLOP/s of randyGPT's own sgemm (ops/fused.py) at its best shape; 0 where the CPU
+    """Best GFLOP/s of randyGPT's own sgemm (ops/sgemm.py) at its best shape; 0 where the CPU
     has no AVX-512 (training then uses OpenBLAS)."""
     import numpy as np
-    from randygpt.ops import fused
-    if not fused.USE_OWN_SGEMM:
+    from randygpt.ops import sgemm
+    if not sgemm.USE_OWN_SGEMM:
         return 0.0
     rng = np.random.default_rng(0)
     a = rng.standard_normal((4096, 512), dtype=np.float32)
     b = rng.standard_normal((512, 128), dtype=np.float32)
     out = np.empty((4096, 128), np.float32)
-    fused.sgemm(a, b, out)
+    sgemm.sgemm(a, b, out)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fused.sgemm(a, b, out)
+        sgemm.sgemm(a, b, out)
         best = min(best, time.perf_counter() - t0)
     return 2 * 4096 * 512 * 128 / best / 1e9
 
@@ -147,7 +147,7 @@ ABLATIONS = {
     "-buffer-pool": ("large arrays recycled by size (ops/fused._BufferPool)", {}, [], "no-pool"),
     "-attention": ("fused attention (reference: stores B*H*T*T probabilities)", {},
                    ["attention"], ""),
-    "-own-sgemm": ("own AVX-512 sgemm for x @ W and dout @ W^T (OpenBLAS's instead)", {}, [],
+    "-own-sgemm": ("own AVX-512 sgemm, all three products (OpenBLAS's instead)", {}, [],
                    "no-own-sgemm"),
     "-linear-2d": ("2-D matmuls (reference: one sgemm per batch item)", {}, ["linear"], ""),
     "-elementwise": ("fused norm/ReLU^2/dropout/embedding/cross-entropy kernels", {},
@@ -162,7 +162,7 @@ def ablated_ops(name):
 
     import numpy as np
     from randygpt import threads
-    from randygpt.ops import fused, reference
+    from randygpt.ops import fused, reference, sgemm
     from randygpt.optim import AdamW, FusedAdamW
     _, _, replaced, other = ABLATIONS[name]
     if other != "no-mallopt":
@@ -170,7 +170,7 @@ def ablated_ops(name):
     if other == "no-pool":
         fused._empty = np.empty
     if other == "no-own-sgemm":
-        fused.USE_OWN_SGEMM = False
+        sgemm.USE_OWN_SGEMM = False
     ops = types.SimpleNamespace(**{n: getattr(fused, n) for n in dir(reference)
                                    if n.endswith(("_forward", "_backward"))})
     for layer in replaced:

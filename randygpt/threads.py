@@ -5,8 +5,11 @@ matmuls) and numba's OpenMP pool (the fused kernels). A pool that has just finis
 threads spinning for a while, waiting for more work, and the other pool then shares the cores
 with spinners (and with any other busy process, the worst case: one step of the small preset
 took 3.9 s instead of 0.2 s while another job ran). The defaults below make an idle pool sleep
-at once; on this 2-core machine they were worth 1.5x (numba's pool) and 1.1x (OpenBLAS's)
-on the small preset (`benchmarks/compare_pytorch.py --ablation`). They only fill in what the
+at once. Measured on this 2-core machine, small preset (`benchmarks/compare_pytorch.py
+--ablation`, and the fused worker beside one busy process): OpenBLAS's timeout is worth 1.73x
+idle; numba's passive pool costs about 4% idle (spinning 300k iterations first was 1.04x
+faster) but is worth ~2.4x beside one other busy process (11k against 4-5k tokens/s), which
+is the case this policy exists for. They only fill in what the
 user has not set: an exported variable always wins. The libraries read them once, when they
 load, which is why randygpt/__init__.py calls `apply()` before importing anything else (a
 program that imports NumPy before randygpt keeps OpenBLAS's own default).

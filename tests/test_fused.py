@@ -8,7 +8,7 @@ import pytest
 
 from randygpt.config import ModelConfig
 from randygpt.model import GPT
-from randygpt.ops import fused, reference
+from randygpt.ops import fused, reference, sgemm
 from randygpt.optim import AdamW, FusedAdamW, clip_grad_norm
 from randygpt import threads
 from gradcheck import numerical_grad, rel_error
@@ -77,10 +77,10 @@ def test_own_sgemm_matches_matmul(dtype, M, K, N):
     # rows not a multiple of the 6-row block or the 96-row chunk, columns not whole 64-wide
     # panels (padded), B C-contiguous or a transposed view (copied)
     a, b = normal(M, K, dtype=dtype), normal(K, N, dtype=dtype)
-    close(fused.sgemm(a, b), a @ b, dtype)
+    close(sgemm.sgemm(a, b), a @ b, dtype)
     bt = np.asfortranarray(b)
     out = np.full((M, N), np.nan, dtype=dtype)
-    assert fused.sgemm(a, bt, out) is out
+    assert sgemm.sgemm(a, bt, out) is out
     close(out, a @ b, dtype)
 
 
@@ -91,7 +91,7 @@ def test_own_weight_gradient_kernel_matches_matmul(dtype, K, M, N):
     # positions than parts; rows and columns not whole 6 x 64 blocks; A a transposed view
     x, d = normal(K, M, dtype=dtype), normal(K, N, dtype=dtype)
     out = np.full((M, N), np.nan, dtype=dtype)
-    fused._gemm_deep(x.T, d, out)
+    assert sgemm.sgemm_deep(x.T, d, out) is out
     close(out, x.T @ d, dtype)
 
 
@@ -102,11 +102,11 @@ def test_own_weight_gradient_kernel_matches_matmul(dtype, K, M, N):
 def test_linear(dtype, B, T, IN, OUT, own_sgemm, monkeypatch):
     # the last shapes take the own sgemm for x @ W and dout @ W^T (when the CPU has AVX-512,
     # or forced here): float32, whole 64-column panels, >= 128 summed terms
-    monkeypatch.setattr(fused, "USE_OWN_SGEMM", own_sgemm)
+    monkeypatch.setattr(sgemm, "USE_OWN_SGEMM", own_sgemm)
     calls = []
-    monkeypatch.setattr(fused, "sgemm", lambda *a, _f=fused.sgemm: calls.append(1) or _f(*a))
-    monkeypatch.setattr(fused, "_gemm_deep",
-                        lambda *a, _f=fused._gemm_deep: calls.append(2) or _f(*a))
+    monkeypatch.setattr(sgemm, "sgemm", lambda *a, _f=sgemm.sgemm: calls.append(1) or _f(*a))
+    monkeypatch.setattr(sgemm, "sgemm_deep",
+                        lambda *a, _f=sgemm.sgemm_deep: calls.append(2) or _f(*a))
     x, w, dout = normal(B, T, IN, dtype=dtype), normal(IN, OUT, dtype=dtype), \
         normal(B, T, OUT, dtype=dtype)
     close(fused.linear_forward(x, w), reference.linear_forward(x, w), dtype)

@@ -4,7 +4,8 @@
 what its reference twin returns (output and gradients), to float32 round-off; only the opaque
 caches passed from a forward to its backward differ, and they are smaller:
 
-  - linear: x is reshaped to 2-D so BLAS gets one large sgemm instead of one per batch item.
+  - linear: x is reshaped to 2-D so one large product replaces one per batch item; on
+    CPUs with AVX-512 the float32 products run on our own sgemm (ops/sgemm.py).
   - attention never stores the (B, H, T, T) probabilities: forward keeps the log-sum-exp of
     each row (B, H, T) and backward recomputes the probabilities from it (the flash-attention
     idea). Its small products run on 4 x 16 register tiles and skip blocks above the diagonal.
@@ -34,10 +35,11 @@ import weakref
 import numba
 import numpy as np
 from numba import njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import reference
+from . import sgemm as own
+from .sgemm import stack_block
 from .reference import residual_backward  # noqa: F401  (nothing to compute)
 
 # No nnan/ninf: a diverging run must still produce the inf/nan that train() checks for.
@@ -257,180 +259,19 @@ def rmsnorm_backward(dout, g, cache):
 _TILE_ROWS, _TILE_COLS = 4, 16
 
 
-def _stack_block(n):
-    """An intrinsic giving a pointer to n scratch values of a dtype on the stack (an alloca,
-    which LLVM promotes to registers when every index into it is a constant)."""
-    @intrinsic
-    def stack_block(typingctx, dtype):
-        def codegen(context, builder, signature, args):
-            size = context.get_constant(types.intp, n)
-            return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=size)
-        return types.CPointer(dtype.dtype)(dtype), codegen
-    return stack_block
-
-
-_stack_tile_pointer = _stack_block(_TILE_ROWS * _TILE_COLS)
+_stack_tile_pointer = stack_block(_TILE_ROWS * _TILE_COLS)
 
 
 # --------------------------------------------------------------------------------------------
 # Linear (no bias): the reference's math on 2-D views. NumPy's matmul of a (B, T, IN) array
 # runs one small sgemm per batch item; one (B*T, IN) @ (IN, OUT) product is 1.5-2x faster.
-#
-# On CPUs with AVX-512, the products over positions (the forward x @ W and the backward
-# dout @ W^T) run on our own sgemm below: OpenBLAS may be held to its AVX2 kernels (this
-# machine sets OPENBLAS_CORETYPE=Haswell, which we leave alone) while numba compiles for the
-# host, and a 6 x 64 block of C in 24 vector registers runs at ~265 GFLOP/s per core against
-# OpenBLAS's ~120 (benchmarks/bench_sgemm.py). Rows of C are split over threads; each 6-row
-# block of A meets B's 64-column panels straight from memory (C-contiguous B, padded to whole
-# panels), no packing. The weight gradient x^T dout (a long sum over positions into a small
-# C) has its own kernel below. Other CPUs and float64 use OpenBLAS throughout.
-
-_GEMM_ROWS, _GEMM_COLS = 6, 64        # the block of C one micro-kernel call keeps in registers
-_GEMM_CHUNK = 96                      # rows of C per parallel work item
-_gemm_block = _stack_block(_GEMM_ROWS * _GEMM_COLS)
-
-
-def _host_has_avx512() -> bool:
-    try:
-        import llvmlite.binding as llvm
-        return bool(llvm.get_host_cpu_features().get("avx512f", False))
-    except Exception:                                   # no feature query: play safe
-        return False
-
-
-USE_OWN_SGEMM = _host_has_avx512()
-
-
-@njit(cache=True, fastmath={"contract"}, error_model="numpy")
-def _gemm_block_product(a, i0, b, j0, K, c, nrows, ncols):
-    """c[i0 + r, j0 + j] = sum_k a[i0 + r, k] * b[k, j0 + j] for r < nrows, j < ncols; b's
-    columns j0..j0+63 must exist (padding). The 6 x 64 block of sums stays in registers."""
-    acc = numba.carray(_gemm_block(a.dtype), (_GEMM_ROWS, _GEMM_COLS))
-    for r in range(_GEMM_ROWS):
-        for j in range(_GEMM_COLS):
-            acc[r, j] = 0
-    if nrows == _GEMM_ROWS:                            # the constant trip count unrolls
-        for k in range(K):
-            b_row = b[k, j0:j0 + _GEMM_COLS]
-            for r in range(_GEMM_ROWS):
-                a_rk = a[i0 + r, k]
-                for j in range(_GEMM_COLS):
-                    acc[r, j] += a_rk * b_row[j]
-    else:
-        for k in range(K):
-            b_row = b[k, j0:j0 + _GEMM_COLS]
-            for r in range(nrows):
-                a_rk = a[i0 + r, k]
-                for j in range(_GEMM_COLS):
-                    acc[r, j] += a_rk * b_row[j]
-    for r in range(nrows):
-        c_row = c[i0 + r]
-        for j in range(ncols):
-            c_row[j0 + j] = acc[r, j]
-
-
-@_pjit
-def _gemm(a, b, c):
-    # c (M, N) = a (M, K) @ b (K, >= N columns, padded to whole 64-column panels)
-    M, K = a.shape
-    N = c.shape[1]
-    for chunk in prange((M + _GEMM_CHUNK - 1) // _GEMM_CHUNK):
-        i_end = min(M, (chunk + 1) * _GEMM_CHUNK)
-        for i0 in range(chunk * _GEMM_CHUNK, i_end, _GEMM_ROWS):
-            for j0 in range(0, N, _GEMM_COLS):
-                _gemm_block_product(a, i0, b, j0, K, c, min(_GEMM_ROWS, i_end - i0),
-                                    min(_GEMM_COLS, N - j0))
-
-
-# The weight gradient x^T dout sums over all positions (K = B*T, long) into a small C (IN x
-# OUT), so rows of C are too few to split. Instead K is cut into _GEMM_SPLITS fixed parts,
-# multiplied in parallel into partial C's and summed in a fixed order (the same result for
-# any thread count). Within a part, K goes in blocks of _GEMM_DEPTH: each block's B is
-# packed into 64-column panels and A into 6-row panels, contiguous in k, which keeps strided
-# reads (A is x^T, a transposed view) out of the inner loop.
-
-_GEMM_SPLITS, _GEMM_DEPTH = 8, 256
-
-
-@njit(cache=True, fastmath={"contract"}, error_model="numpy")
-def _gemm_panel_product(a_panel, b_panel, depth, c, i0, j0, nrows, ncols, accumulate):
-    """c[i0 + r, j0 + j] (+)= sum_k a_panel[k, r] * b_panel[k, j], k < depth: packed panels
-    a_panel (>= depth, 6), b_panel (>= depth, 64); the 6 x 64 block of sums in registers."""
-    acc = numba.carray(_gemm_block(a_panel.dtype), (_GEMM_ROWS, _GEMM_COLS))
-    for r in range(_GEMM_ROWS):
-        for j in range(_GEMM_COLS):
-            acc[r, j] = 0
-    for k in range(depth):
-        a_k, b_k = a_panel[k], b_panel[k]
-        for r in range(_GEMM_ROWS):
-            a_rk = a_k[r]
-            for j in range(_GEMM_COLS):
-                acc[r, j] += a_rk * b_k[j]
-    for r in range(nrows):
-        c_row = c[i0 + r]
-        if accumulate:
-            for j in range(ncols):
-                c_row[j0 + j] += acc[r, j]
-        else:
-            for j in range(ncols):
-                c_row[j0 + j] = acc[r, j]
-
-
-@_pjit
-def _gemm_deep(a, b, c):
-    # c (M, N) = a (M, K) @ b (K, N) for K >> M (any layouts)
-    M, K = a.shape
-    N = c.shape[1]
-    n_panels = (N + _GEMM_COLS - 1) // _GEMM_COLS
-    n_row_panels = (M + _GEMM_ROWS - 1) // _GEMM_ROWS
-    per_split = (K + _GEMM_SPLITS - 1) // _GEMM_SPLITS
-    partial = np.empty((_GEMM_SPLITS, M, N), dtype=c.dtype)
-    for split in prange(_GEMM_SPLITS):
-        b_packed = np.zeros((n_panels, _GEMM_DEPTH, _GEMM_COLS), dtype=c.dtype)
-        a_packed = np.zeros((n_row_panels, _GEMM_DEPTH, _GEMM_ROWS), dtype=c.dtype)
-        k_start, k_end = split * per_split, min(K, (split + 1) * per_split)
-        for k0 in range(k_start, k_end, _GEMM_DEPTH):
-            depth = min(_GEMM_DEPTH, k_end - k0)
-            for k in range(depth):
-                for j in range(N):
-                    b_packed[j // _GEMM_COLS, k, j % _GEMM_COLS] = b[k0 + k, j]
-                for i in range(M):
-                    a_packed[i // _GEMM_ROWS, k, i % _GEMM_ROWS] = a[i, k0 + k]
-            for p in range(n_panels):
-                for m in range(n_row_panels):
-                    _gemm_panel_product(a_packed[m], b_packed[p], depth, partial[split],
-                                        m * _GEMM_ROWS, p * _GEMM_COLS,
-                                        min(_GEMM_ROWS, M - m * _GEMM_ROWS),
-                                        min(_GEMM_COLS, N - p * _GEMM_COLS), k0 > k_start)
-        if k_start >= k_end:
-            partial[split] = 0
-    for i in prange(M):
-        for j in range(N):
-            total = partial[0, i, j]
-            for split in range(1, _GEMM_SPLITS):
-                total += partial[split, i, j]
-            c[i, j] = total
-
-
-def sgemm(a, b, out=None):
-    """a (M, K) @ b (K, N) on the kernel above (any float dtype; made for float32)."""
-    a = np.ascontiguousarray(a)
-    M, K = a.shape
-    N = b.shape[1]
-    if N % _GEMM_COLS or not b.flags.c_contiguous:      # C-contiguous, whole panels
-        padded = np.zeros((K, -(-N // _GEMM_COLS) * _GEMM_COLS), dtype=b.dtype)
-        padded[:, :N] = b
-        b = padded
-    out = np.empty((M, N), dtype=a.dtype) if out is None else out
-    _gemm(a, b, out)
-    return out
-
+# On CPUs with AVX-512 the float32 products run on our own sgemm (ops/sgemm.py) wherever it
+# beats OpenBLAS; elsewhere, on other CPUs and in float64, on OpenBLAS.
 
 def _matmul(a, b):
     out = _empty((a.shape[0], b.shape[1]), np.result_type(a, b))
-    if USE_OWN_SGEMM and out.dtype == np.float32 and b.shape[1] % _GEMM_COLS == 0 \
-            and a.shape[1] >= 128 and a.flags.c_contiguous:
-        return sgemm(a, b, out)
+    if own.USE_OWN_SGEMM and own.takes_rows(a, b, out.dtype):
+        return own.sgemm(a, b, out)
     return np.matmul(a, b, out=out)
 
 
@@ -446,14 +287,10 @@ def linear_backward(dout, x, w):
 
 
 def _weight_gradient(x2, d2):
-    # x2 (N, IN), d2 (N, OUT) -> x2^T d2 (IN, OUT): the own split-K kernel where it beats
-    # OpenBLAS (benchmarks/bench_sgemm.py: not on small C such as 128 x 128)
-    IN, OUT = x2.shape[1], d2.shape[1]
-    dw = _empty((IN, OUT), d2.dtype)
-    if USE_OWN_SGEMM and dw.dtype == np.float32 and OUT % _GEMM_COLS == 0 \
-            and IN * OUT >= 1 << 15 and x2.shape[0] >= 4 * IN:
-        _gemm_deep(x2.T, d2, dw)
-        return dw
+    # x2 (N, IN), d2 (N, OUT) -> x2^T d2 (IN, OUT): a long sum over positions into a small C
+    dw = _empty((x2.shape[1], d2.shape[1]), d2.dtype)
+    if own.USE_OWN_SGEMM and own.takes_deep(x2.T, d2, dw.dtype):
+        return own.sgemm_deep(x2.T, d2, dw)
     return np.matmul(x2.T, d2, out=dw)
 
 
