@@ -304,6 +304,16 @@ def test_generation_path_does_not_import_numba():
     assert out.stdout.strip() == "False"
 
 
+def test_own_sgemm_can_be_switched_off_from_the_environment():
+    import os
+    code = "from randygpt.ops import sgemm; print(sgemm.USE_OWN_SGEMM, sgemm._host_has_avx512())"
+    for value in ("0", "1"):
+        env = dict(os.environ, RANDYGPT_OWN_SGEMM=value)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, check=True).stdout.split()
+        assert out[0] == ("False" if value == "0" else out[1])   # on only where AVX-512 is
+
+
 def test_thread_policy_fills_in_only_unset_variables():
     env = {"OMP_WAIT_POLICY": "active"}
     applied = threads.apply(env)

@@ -18,6 +18,8 @@ when USE_OWN_SGEMM (an AVX-512 host). Tested against NumPy's matmul in tests/tes
 """
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 from numba import njit, prange, types
@@ -53,7 +55,8 @@ def _host_has_avx512() -> bool:
         return False
 
 
-USE_OWN_SGEMM = _host_has_avx512()
+# RANDYGPT_OWN_SGEMM=0 keeps every product on OpenBLAS (to compare, or if a CPU misbehaves)
+USE_OWN_SGEMM = _host_has_avx512() and os.environ.get("RANDYGPT_OWN_SGEMM", "1") != "0"
 
 
 @njit(cache=True, fastmath={"contract"}, error_model="numpy")
