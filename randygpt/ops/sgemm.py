@@ -59,14 +59,32 @@ def _host_has_avx512() -> bool:
 USE_OWN_SGEMM = _host_has_avx512() and os.environ.get("RANDYGPT_OWN_SGEMM", "1") != "0"
 
 
+@njit(inline="always")
+def _zero_block(acc):
+    for r in range(_GEMM_ROWS):
+        for j in range(_GEMM_COLS):
+            acc[r, j] = 0
+
+
+@njit(inline="always")
+def _store_block(acc, c, i0, j0, nrows, ncols, accumulate):
+    # c[i0 + r, j0 + j] (+)= acc[r, j] for r < nrows, j < ncols
+    for r in range(nrows):
+        c_row = c[i0 + r]
+        if accumulate:
+            for j in range(ncols):
+                c_row[j0 + j] += acc[r, j]
+        else:
+            for j in range(ncols):
+                c_row[j0 + j] = acc[r, j]
+
+
 @njit(cache=True, fastmath={"contract"}, error_model="numpy")
 def _gemm_block_product(a, i0, b, j0, K, c, nrows, ncols):
     """c[i0 + r, j0 + j] = sum_k a[i0 + r, k] * b[k, j0 + j] for r < nrows, j < ncols; b's
     columns j0..j0+63 must exist (padding). The 6 x 64 block of sums stays in registers."""
     acc = numba.carray(_gemm_block(a.dtype), (_GEMM_ROWS, _GEMM_COLS))
-    for r in range(_GEMM_ROWS):
-        for j in range(_GEMM_COLS):
-            acc[r, j] = 0
+    _zero_block(acc)
     if nrows == _GEMM_ROWS:                            # the constant trip count unrolls
         for k in range(K):
             b_row = b[k, j0:j0 + _GEMM_COLS]
@@ -81,10 +99,7 @@ def _gemm_block_product(a, i0, b, j0, K, c, nrows, ncols):
                 a_rk = a[i0 + r, k]
                 for j in range(_GEMM_COLS):
                     acc[r, j] += a_rk * b_row[j]
-    for r in range(nrows):
-        c_row = c[i0 + r]
-        for j in range(ncols):
-            c_row[j0 + j] = acc[r, j]
+    _store_block(acc, c, i0, j0, nrows, ncols, False)
 
 
 @njit(cache=True, fastmath=_FASTMATH, error_model="numpy", parallel=True)
@@ -115,23 +130,14 @@ def _gemm_panel_product(a_panel, b_panel, depth, c, i0, j0, nrows, ncols, accumu
     """c[i0 + r, j0 + j] (+)= sum_k a_panel[k, r] * b_panel[k, j], k < depth: packed panels
     a_panel (>= depth, 6), b_panel (>= depth, 64); the 6 x 64 block of sums in registers."""
     acc = numba.carray(_gemm_block(a_panel.dtype), (_GEMM_ROWS, _GEMM_COLS))
-    for r in range(_GEMM_ROWS):
-        for j in range(_GEMM_COLS):
-            acc[r, j] = 0
+    _zero_block(acc)
     for k in range(depth):
         a_k, b_k = a_panel[k], b_panel[k]
         for r in range(_GEMM_ROWS):
             a_rk = a_k[r]
             for j in range(_GEMM_COLS):
                 acc[r, j] += a_rk * b_k[j]
-    for r in range(nrows):
-        c_row = c[i0 + r]
-        if accumulate:
-            for j in range(ncols):
-                c_row[j0 + j] += acc[r, j]
-        else:
-            for j in range(ncols):
-                c_row[j0 + j] = acc[r, j]
+    _store_block(acc, c, i0, j0, nrows, ncols, accumulate)
 
 
 @njit(cache=True, fastmath=_FASTMATH, error_model="numpy", parallel=True)
