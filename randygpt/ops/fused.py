@@ -348,17 +348,25 @@ def _key_end(t0, T):
     return min(_round_up(T, _TILE_COLS), _round_up(t0 + _TILE_ROWS, _TILE_COLS))
 
 
-@_pjit
-def _attention_forward(qkv, n_head, out, lse):
+@njit(inline="always")
+def _attention_layout(qkv, n_head):
+    """Sizes both attention kernels work with: B, T, C, head size hs, hs padded to whole
+    tiles, T padded to whole tile rows / columns, the score scale 1/sqrt(hs), the number of
+    (batch item, head) pairs and how many of them each parallel chunk takes."""
     B, T, C3 = qkv.shape
     C = C3 // 3
     hs = C // n_head
-    hp = _round_up(hs, _TILE_COLS)                     # head size padded to whole tiles
-    Tr, Tc = _round_up(T, _TILE_ROWS), _round_up(T, _TILE_COLS)
-    dt = qkv.dtype
-    scale, one = dt.type(1.0 / math.sqrt(hs)), dt.type(1.0)
     pairs = B * n_head
-    per_chunk = (pairs + _CHUNKS - 1) // _CHUNKS
+    return (B, T, C, hs, _round_up(hs, _TILE_COLS), _round_up(T, _TILE_ROWS),
+            _round_up(T, _TILE_COLS), qkv.dtype.type(1.0 / math.sqrt(hs)), pairs,
+            (pairs + _CHUNKS - 1) // _CHUNKS)
+
+
+@_pjit
+def _attention_forward(qkv, n_head, out, lse):
+    B, T, C, hs, hp, Tr, Tc, scale, pairs, per_chunk = _attention_layout(qkv, n_head)
+    dt = qkv.dtype
+    one = dt.type(1.0)
     for chunk in prange(_CHUNKS):
         q = np.zeros((Tr, hp), dtype=dt)               # this head's q (scaled), k^T and v,
         kt = np.zeros((hp, Tc), dtype=dt)              # zero-padded to whole tiles
@@ -412,15 +420,9 @@ def attention_forward(qkv, n_head):
 
 @_pjit
 def _attention_backward(dout, qkv, out, lse, n_head, dqkv):
-    B, T, C3 = qkv.shape
-    C = C3 // 3
-    hs = C // n_head
-    hp = _round_up(hs, _TILE_COLS)
-    Tr, Tc = _round_up(T, _TILE_ROWS), _round_up(T, _TILE_COLS)
+    B, T, C, hs, hp, Tr, Tc, scale, pairs, per_chunk = _attention_layout(qkv, n_head)
     dt = qkv.dtype
-    scale, one = dt.type(1.0 / math.sqrt(hs)), dt.type(1.0)
-    pairs = B * n_head
-    per_chunk = (pairs + _CHUNKS - 1) // _CHUNKS
+    one = dt.type(1.0)
     for chunk in prange(_CHUNKS):
         q = np.zeros((Tc, hp), dtype=dt)               # scaled queries
         g = np.zeros((Tc, hp), dtype=dt)               # dy of this head
