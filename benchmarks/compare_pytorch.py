@@ -97,6 +97,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024             # KiB -> MiB
 
 
+def best_gflops(matmul, a, b, repeats) -> float:
+    """Best float32 GFLOP/s of matmul(a, b) over `repeats` calls (after one warm-up)."""
+    matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / best / 1e9
+
+
 def own_sgemm_peak(repeats=20) -> float:
     """Best GFLOP/s of randyGPT's own sgemm (ops/sgemm.py) at its best shape; 0 where the CPU
     has no AVX-512 (training then uses OpenBLAS)."""
@@ -108,25 +119,12 @@ def own_sgemm_peak(repeats=20) -> float:
     a = rng.standard_normal((4096, 512), dtype=np.float32)
     b = rng.standard_normal((512, 128), dtype=np.float32)
     out = np.empty((4096, 128), np.float32)
-    sgemm.sgemm(a, b, out)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sgemm.sgemm(a, b, out)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * 4096 * 512 * 128 / best / 1e9
+    return best_gflops(lambda a, b: sgemm.sgemm(a, b, out), a, b, repeats)
 
 
 def sgemm_peak(matmul, make, n=2048, repeats=5) -> float:
     """Best float32 GFLOP/s of an n x n x n matmul."""
-    a, b = make(n), make(n)
-    matmul(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        matmul(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
+    return best_gflops(matmul, make(n), make(n), repeats)
 
 
 # --------------------------------------------------------------------------------------------

@@ -554,8 +554,7 @@ def _residual_dropout(x, fx, k0, k1, threshold, scale, out):
 
 def _dropout_mask(x, p, rng):
     """The cache of a dropout: (k0, k1, threshold, scale) as the kernels take them."""
-    if x.size > 1 << 32:
-        raise ValueError(f"dropout hashes 32-bit indices: {x.size} elements is too many")
+    reference.check_dropout_size(x.size)
     k0, k1 = reference.dropout_key(rng)
     return (np.uint32(k0), np.uint32(k1), np.uint32(reference.dropout_threshold(p)),
             x.dtype.type(1.0 / (1.0 - p)))

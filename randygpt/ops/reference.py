@@ -173,12 +173,17 @@ def mix32(h):
     return h
 
 
+def check_dropout_size(n):
+    """The hash numbers elements with 32-bit indices."""
+    if n > 1 << 32:
+        raise ValueError(f"dropout hashes 32-bit indices: {n} elements is too many")
+
+
 def dropout_keep(key, shape, p, xp=np):
     """The keep mask (bools of `shape`) that `key` gives at drop probability p."""
     k0, k1 = key
     n = math.prod(shape)
-    if n > 1 << 32:
-        raise ValueError(f"dropout hashes 32-bit indices: {n} elements is too many")
+    check_dropout_size(n)
     h = xp.arange(n, dtype=xp.uint32)
     h ^= xp.uint32(k0)
     h = mix32(h)
