@@ -182,10 +182,11 @@ def sgemm(a, b, out=None):
     a = np.ascontiguousarray(a)
     M, K = a.shape
     N = b.shape[1]
-    if N % _GEMM_COLS or not b.flags.c_contiguous:      # C-contiguous, whole panels
+    if N % _GEMM_COLS:                                  # whole panels
         padded = np.zeros((K, -(-N // _GEMM_COLS) * _GEMM_COLS), dtype=b.dtype)
         padded[:, :N] = b
         b = padded
+    b = np.ascontiguousarray(b)                         # rows of B read as 64-wide vectors
     out = np.empty((M, N), dtype=a.dtype) if out is None else out
     _gemm(a, b, out)
     return out
