@@ -5,26 +5,52 @@ batch geometry, and any flag given explicitly overrides it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
+
+from .errors import UserError
+
+
+# The architecture's variable parts, as data: the model composes ops by these names, and the
+# ops contract (ops/contract.py) provides each. Only today's values exist; another norm or
+# activation is a new op pair plus a name here.
+NORMS = ("rmsnorm",)
+ACTIVATIONS = ("squared_relu",)
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 67
+    vocab_size: int = 0       # set from the tokenizer (0: not known yet)
     block_size: int = 64      # context length T
     n_layer: int = 6
     n_embd: int = 128         # channels C
     n_head: int = 8
     dropout: float = 0.1
+    norm: str = "rmsnorm"             # the norm before attention, MLP and the LM head
+    norm_eps: float = 1e-5
+    activation: str = "squared_relu"  # the MLP's nonlinearity: relu(x)^2
+    bias: bool = False                # biases on the linear layers
+    tied_head: bool = False           # LM head = wte^T (no separate lm_head matrix)
 
     def validate(self) -> None:
-        if self.n_layer < 1 or self.n_embd < 1 or self.n_head < 1 or self.block_size < 1:
-            raise ValueError("layers, dim, heads and block must all be at least 1")
+        for name in ("n_layer", "n_embd", "n_head", "block_size", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{{field}} {getattr(self, name)} must be at least 1", name)
         if self.n_embd % self.n_head:
-            raise ValueError(f"--dim {self.n_embd} is not divisible by --heads {self.n_head}; "
-                             "choose a dim that is a multiple of heads")
+            raise UserError(f"{{field}} {self.n_embd} is not divisible by the number of heads "
+                            f"({self.n_head}); choose a multiple of it", "n_embd")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"--dropout {self.dropout} must be in [0, 1)")
+            raise UserError(f"{{field}} {self.dropout} must be in [0, 1)", "dropout")
+        if self.norm not in NORMS:
+            raise UserError(f"{{field}} {self.norm!r} is not one of {', '.join(NORMS)}", "norm")
+        if self.activation not in ACTIVATIONS:
+            raise UserError(f"{{field}} {self.activation!r} is not one of "
+                            f"{', '.join(ACTIVATIONS)}", "activation")
+        if not (self.norm_eps > 0 and math.isfinite(self.norm_eps)):
+            raise UserError(f"{{field}} {self.norm_eps} must be a positive number", "norm_eps")
+        if self.bias or self.tied_head:
+            raise UserError("biases and a tied LM head are not implemented yet", "bias"
+                            if self.bias else "tied_head")
 
     def to_dict(self) -> dict:
         return asdict(self)

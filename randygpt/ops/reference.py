@@ -1,13 +1,14 @@
 """The readable reference of every layer: a forward and a backward function, side by side.
 
 Shapes: B batch, T time (positions), C channels, H heads, hs = C // H head size, V vocabulary.
-Each `*_forward` returns its output and whatever its backward needs (the "cache"); each
-`*_backward` takes the upstream gradient `dout` (same shape as the output) and returns the
-gradients of the inputs and parameters. The derivation of each gradient is in the comments.
+The calling convention is the backend contract's (ops/contract.py): `X_forward(inputs...)`
+returns `(out, cache)`; `X_backward(dout, cache)` takes the upstream gradient (the shape of
+`out`) and returns a tuple: the input gradient(s), then the parameter gradient(s). The
+derivation of each gradient is in the comments.
 
 Nothing here imports a model or knows about one. Every function takes its array module from
-its inputs (`array_module`), so NumPy arrays run on the CPU and CuPy arrays would run on a GPU
-unchanged. There are no Python loops over batch items or positions: fast kernels replace these
+its inputs (`array_module`), so that another array library with NumPy's interface can run
+it (untested so far). There are no Python loops over batch items or positions: fast kernels replace these
 functions on the hot path and are tested against them.
 """
 from __future__ import annotations
@@ -31,36 +32,37 @@ def array_module(x):
 def embedding_forward(wte, wpe, idx):
     # wte (V, C), wpe (block_size, C), idx (B, T) int -> out (B, T, C)
     T = idx.shape[1]
-    return wte[idx] + wpe[:T]
+    return wte[idx] + wpe[:T], (idx, wte.shape[0], wpe.shape[0])
 
 
-def embedding_backward(dout, idx, vocab_size, block_size):
-    # dout (B, T, C) -> dwte (V, C), dwpe (block_size, C)
+def embedding_backward(dout, cache):
+    # dout (B, T, C) -> (None: ids have no gradient, dwte (V, C), dwpe (block_size, C))
     # d/dwte[v] sums dout over every (b, t) where idx == v; d/dwpe[t] sums dout over b.
+    idx, vocab_size, block_size = cache
     xp = array_module(dout)
     B, T, C = dout.shape
     dwte = xp.zeros((vocab_size, C), dtype=dout.dtype)
     xp.add.at(dwte, idx.reshape(-1), dout.reshape(-1, C))
     dwpe = xp.zeros((block_size, C), dtype=dout.dtype)
     dwpe[:T] = dout.sum(axis=0)
-    return dwte, dwpe
+    return None, dwte, dwpe
 
 
 # --------------------------------------------------------------------------------------------
 # RMSNorm: out = g * x / rms(x),  rms(x) = sqrt(mean(x^2) + eps), over the last axis
 
-def rmsnorm_forward(x, g, eps=1e-5):
-    # x (..., C), g (C,) -> out (..., C); cache the normalised x and 1/rms
+def rmsnorm_forward(x, g, eps):
+    # x (..., C), g (C,) -> out (..., C); cache the normalised x, 1/rms and the gain
     xp = array_module(x)
     rstd = 1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)   # (..., 1)
     xhat = x * rstd
-    return xhat * g, (xhat, rstd)
+    return xhat * g, (xhat, rstd, g)
 
 
-def rmsnorm_backward(dout, g, cache):
+def rmsnorm_backward(dout, cache):
     # With xhat = x * r, r = (mean(x^2) + eps)^-1/2:  dr/dx_j = -r^3 x_j / C, so
     # dx = r * (dxhat - xhat * mean(dxhat * xhat)),  dxhat = dout * g,  dg = sum(dout * xhat).
-    xhat, rstd = cache
+    xhat, rstd, g = cache
     C = xhat.shape[-1]
     dg = (dout * xhat).reshape(-1, C).sum(axis=0)
     dxhat = dout * g
@@ -73,11 +75,12 @@ def rmsnorm_backward(dout, g, cache):
 
 def linear_forward(x, w):
     # x (..., IN), w (IN, OUT) -> out (..., OUT)
-    return x @ w
+    return x @ w, (x, w)
 
 
-def linear_backward(dout, x, w):
+def linear_backward(dout, cache):
     # dx = dout @ W^T ;  dW = sum over all leading positions of x^T dout
+    x, w = cache
     IN, OUT = w.shape
     dx = dout @ w.T
     dw = x.reshape(-1, IN).T @ dout.reshape(-1, OUT)
@@ -125,7 +128,24 @@ def attention_backward(dout, cache):
     dqkv = xp.empty((B, T, 3 * C), dtype=dout.dtype)
     for i, d in enumerate((dq, dk, dv)):                               # 3 slices, not a data loop
         dqkv[:, :, i * C:(i + 1) * C] = d.transpose(0, 2, 1, 3).reshape(B, T, C)
-    return dqkv
+    return (dqkv,)
+
+
+# Attention of new positions over a KV cache (generation; forward only). Stream s has keys
+# and values for positions 0..lengths[s]-1 cached; its query is the newest position, which
+# sees all of them: the same softmax(q k^T / sqrt(hs)) v as above, for one row.
+
+def kv_attention_forward(q, k, v, lengths):
+    # q (S, H, hs), k and v (S, H, T, hs), lengths (S,) ints >= 1 -> y (S, H * hs)
+    xp = array_module(q)
+    S, H, T, hs = k.shape
+    scores = (k @ q[..., None])[..., 0] * (1.0 / math.sqrt(hs))        # (S, H, T)
+    unseen = xp.arange(T)[None, None, :] >= xp.asarray(lengths)[:, None, None]
+    scores = xp.where(unseen, -xp.inf, scores)
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    att = xp.exp(scores)
+    att /= att.sum(axis=-1, keepdims=True)                             # (S, H, T)
+    return (att[:, :, None, :] @ v)[:, :, 0, :].reshape(S, H * hs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,7 +159,7 @@ def squared_relu_forward(x):
 
 
 def squared_relu_backward(dout, r):
-    return 2.0 * r * dout
+    return (2.0 * r * dout,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,7 +199,7 @@ def check_dropout_size(n):
         raise ValueError(f"dropout hashes 32-bit indices: {n} elements is too many")
 
 
-def dropout_keep(key, shape, p, xp=np):
+def dropout_keep(key, shape, p, xp):
     """The keep mask (bools of `shape`) that `key` gives at drop probability p."""
     k0, k1 = key
     n = math.prod(shape)
@@ -206,28 +226,17 @@ def dropout_backward(dout, mask):
 
 
 # --------------------------------------------------------------------------------------------
-# Residual: out = x + f(x); the gradient flows unchanged into both branches
-
-def residual_forward(x, fx):
-    return x + fx
-
-
-def residual_backward(dout):
-    return dout, dout
-
-
-# --------------------------------------------------------------------------------------------
-# Residual after dropout, as each block half ends: out = x + dropout(f(x)). Only the
-# composition of the two layers above; fused kernels do it in one pass.
+# Residual after dropout, as each block half ends: out = x + dropout(f(x)). The gradient
+# flows unchanged into x, and through the dropout mask into f(x). Fused kernels do it in
+# one pass.
 
 def residual_dropout_forward(x, fx, p, rng):
     dropped, mask = dropout_forward(fx, p, rng)
-    return residual_forward(x, dropped), mask
+    return x + dropped, mask
 
 
 def residual_dropout_backward(dout, mask):
-    dx, ddropped = residual_backward(dout)
-    return dx, dropout_backward(ddropped, mask)
+    return dout, dropout_backward(dout, mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,7 +244,8 @@ def residual_dropout_backward(dout, mask):
 # target (data.IGNORE: padding after a short document) is left out of the mean and the gradient.
 
 def cross_entropy_forward(logits, targets):
-    # logits (B, T, V), targets (B, T) int -> scalar loss; cache the softmax probabilities
+    # logits (B, T, V), targets (B, T) int -> scalar loss; cache the softmax probabilities,
+    # the flat targets and the logits' shape
     xp = array_module(logits)
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)
@@ -249,14 +259,14 @@ def cross_entropy_forward(logits, targets):
         loss = -logprobs[rows[keep], tflat[keep]].sum() / max(int(keep.sum()), 1)
     else:
         loss = -logprobs[rows, tflat].mean()
-    return loss, (xp.exp(logprobs), tflat)
+    return loss, (xp.exp(logprobs), tflat, logits.shape)
 
 
-def cross_entropy_backward(cache, logits_shape, dloss=1.0):
-    # d loss / d logits = (softmax - onehot(target)) / N, N = number of positions
+def cross_entropy_backward(dloss, cache):
+    # d loss / d logits = dloss * (softmax - onehot(target)) / N, N = number of positions
     # (ignored positions: gradient 0, and N counts only the kept ones)
-    xp = array_module(cache[0])
-    probs, tflat = cache
+    probs, tflat, logits_shape = cache
+    xp = array_module(probs)
     N = probs.shape[0]
     dlogits = probs.copy()
     if (tflat < 0).any():
@@ -264,7 +274,27 @@ def cross_entropy_backward(cache, logits_shape, dloss=1.0):
         dlogits[~keep] = 0.0
         dlogits[xp.arange(N)[keep], tflat[keep]] -= 1.0
         dlogits *= dloss / max(int(keep.sum()), 1)
-        return dlogits.reshape(logits_shape)
+        return (dlogits.reshape(logits_shape),)
     dlogits[xp.arange(N), tflat] -= 1.0
     dlogits *= dloss / N
-    return dlogits.reshape(logits_shape)
+    return (dlogits.reshape(logits_shape),)
+
+
+# --------------------------------------------------------------------------------------------
+# AdamW (decoupled weight decay, Loshchilov & Hutter) on flat buffers, in place; step t >= 1.
+#   m = b1 m + (1-b1) g ;  v = b2 v + (1-b2) g^2 ;  bias-correct both;
+#   p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p * mask)     (mask: 1 on matrices)
+
+def adamw_update(params, grad, m, v, decay_mask, lr, beta1, beta2, eps, weight_decay, t):
+    xp = array_module(params)
+    dt = params.dtype.type
+    m *= dt(beta1)
+    m += dt(1 - beta1) * grad
+    v *= dt(beta2)
+    v += dt(1 - beta2) * grad * grad
+    m_hat_scale = dt(1.0 / (1 - beta1 ** t))
+    v_hat_scale = dt(1.0 / (1 - beta2 ** t))
+    update = (m * m_hat_scale) / (xp.sqrt(v * v_hat_scale) + dt(eps))
+    if weight_decay:
+        update += dt(weight_decay) * decay_mask * params
+    params -= dt(lr) * update

@@ -1,0 +1,98 @@
+"""The backend contract: the ops every backend provides, one calling convention, a registry.
+
+Every differentiable op is a pair with one convention:
+
+    out, cache = X_forward(*inputs)          # inputs: arrays, then static settings
+    grads      = X_backward(dout, cache)     # a tuple: input gradient(s), then parameter
+                                             # gradient(s); dout has the shape of out
+
+    op                 forward inputs              backward returns
+    embedding          wte, wpe, idx               (None, dwte, dwpe)   ids have no gradient
+    rmsnorm            x, g, eps                   (dx, dg)
+    linear             x, w                        (dx, dw)
+    attention          qkv, n_head                 (dqkv,)              causal, fused q|k|v
+    squared_relu       x                           (dx,)
+    residual_dropout   x, fx, p, rng               (dx, dfx)            x + dropout(fx)
+    cross_entropy      logits, targets             (dlogits,)           dout is dloss (1.0)
+
+and two that have no backward:
+
+    kv_attention_forward(q, k, v, lengths) -> y          attention of the newest position
+                                                         over a KV cache (generation)
+    adamw_update(params, grad, m, v, decay_mask, lr, beta1, beta2, eps, weight_decay, t)
+                                                         in place, on flat buffers
+
+What each cache holds is the backend's business: only its own backward reads it.
+
+A backend is a name, an op table and its options. `make_backend` builds the table from a
+module of fast twins: every op the module lacks is the reference's, so a backend that
+implements nothing yet is already complete and correct, and one that implements a few ops is
+tested against the reference for exactly those.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from ..errors import UserError
+from . import reference
+
+PAIRS = ("embedding", "rmsnorm", "linear", "attention", "squared_relu", "residual_dropout",
+         "cross_entropy")
+FORWARD_ONLY = ("kv_attention_forward", "adamw_update")
+OP_NAMES = tuple(f"{p}_{d}" for p in PAIRS for d in ("forward", "backward")) + FORWARD_ONLY
+
+
+@dataclass
+class Backend:
+    """A named op table. `own` lists the ops the backend implements itself (the rest are the
+    reference's); `options` are its settings, e.g. the fused backend's own_sgemm."""
+    name: str
+    ops: SimpleNamespace
+    own: frozenset = frozenset()
+    options: dict = field(default_factory=dict)
+
+    def __getattr__(self, name):          # backend.linear_forward(...) == backend.ops.linear_forward
+        if name in OP_NAMES:
+            return getattr(self.ops, name)
+        raise AttributeError(name)
+
+
+def make_backend(name: str, module_or_table, options: dict | None = None) -> Backend:
+    """A Backend whose ops come from `module_or_table` (a module, object or dict) where it
+    has them, and from the reference everywhere else."""
+    get = (module_or_table.get if isinstance(module_or_table, dict)
+           else lambda n, default=None: getattr(module_or_table, n, default))
+    table, own = {}, set()
+    for op in OP_NAMES:
+        fn = get(op, None)
+        if fn is not None and fn is not getattr(reference, op):
+            own.add(op)
+        table[op] = fn if fn is not None else getattr(reference, op)
+    return Backend(name, SimpleNamespace(**table), frozenset(own), dict(options or {}))
+
+
+def _reference_backend(**options) -> Backend:
+    if options:
+        raise UserError(f"the reference backend has no options ({', '.join(options)})",
+                        "backend")
+    return make_backend("reference", reference)
+
+
+def _fused_backend(**options) -> Backend:
+    from . import fused          # numba loads here, only for a run that asks for it
+    return fused.backend(**options)
+
+
+# name -> factory(**options) -> Backend. A GPU backend registers itself here the same way.
+BACKENDS = {"reference": _reference_backend, "fused": _fused_backend}
+
+
+def get_backend(name="fused", **options) -> Backend:
+    """The backend called `name` (a Backend passes through unchanged)."""
+    if isinstance(name, Backend):
+        return name
+    if name not in BACKENDS:
+        raise UserError(f"{{field}} {name!r} is not a backend; choose one of "
+                        f"{', '.join(BACKENDS)}", "backend")
+    return BACKENDS[name](**options)
