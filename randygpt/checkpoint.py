@@ -3,8 +3,9 @@
     tensors   <param name>             the model weights, float32, shapes from the model config
               adam.m.<name>, adam.v.<name>   AdamW's two moments for every parameter (optional)
     metadata  format   = "randygpt"
-              randygpt = one JSON string: format_version, model_config, train_config, tokenizer,
-                         iter, optimizer_step, best_val_loss, rng states, data, ...
+              randygpt = one JSON string: model_config, tokenizer and the CheckpointMeta
+                         fields (format_version, iter, train_config, optimizer_step,
+                         best_val_loss, rng states, data, ...)
               sha256   = digest of that JSON and of every tensor's name, dtype, shape and bytes
 
 safetensors never runs code on load (no pickle), and it checks the header's layout; the digest
@@ -41,24 +42,82 @@ _MAX_HEADER = 100 << 20                    # safetensors' own limit on the JSON 
 
 
 @dataclass
+class DataInfo:
+    """What a run trained on; a resume must see the same text and documents."""
+    path: str | None = None
+    sha256: str | None = None
+    doc_separator: str | None = None
+    documents: int | None = None
+    train_tokens: int | None = None
+    val_tokens: int | None = None
+
+
+@dataclass
+class CheckpointMeta:
+    """The training state stored beside the weights (the JSON metadata; model_config and
+    tokenizer live there too but are Checkpoint's). All optional on disk: a weights-only
+    checkpoint has none; a missing key reads as None."""
+    iter: int = 0
+    train_config: TrainConfig | None = None
+    best_val_loss: float | None = None     # None: no evaluation yet
+    val_loss: float | None = None
+    train_loss: float | None = None
+    data: DataInfo | None = None
+    rng: dict | None = None                # {"batch": state, "dropout": state}
+    fine_tuned_from: str | None = None     # the checkpoint a fine-tune started from
+    optimizer_step: int | None = None      # written from the optimizer itself
+    num_params: int | None = None          # written from the model itself
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        """The JSON-able form, without the fields that are None."""
+        out = {k: _jsonable(getattr(self, k)) for k in _META_FIELDS}
+        return {k: v for k, v in out.items() if v is not None}
+
+    @classmethod
+    def from_json(cls, info: dict) -> "CheckpointMeta":
+        meta = cls(**{k: info[k] for k in _META_FIELDS if info.get(k) is not None})
+        if meta.train_config is not None:
+            meta.train_config = TrainConfig.from_dict(meta.train_config)
+        if meta.data is not None:
+            meta.data = DataInfo(**{k: v for k, v in meta.data.items()
+                                    if k in DataInfo.__dataclass_fields__})
+        meta.iter = int(meta.iter)
+        return meta
+
+
+_META_FIELDS = tuple(CheckpointMeta.__dataclass_fields__)
+
+
+@dataclass
 class Checkpoint:
     path: str
     model: GPT                       # weights loaded, float32
     tokenizer: object
     model_config: ModelConfig
-    train_config: TrainConfig | None
-    meta: dict                       # iter, optimizer_step, best_val_loss, rng, data, ...
+    meta: CheckpointMeta
     optimizer_state: dict | None     # {'m': flat ndarray, 'v': flat ndarray, 'step': int}
 
     @property
     def iter(self) -> int:
-        return int(self.meta.get("iter", 0))
+        return self.meta.iter
+
+    @property
+    def train_config(self) -> TrainConfig | None:
+        return self.meta.train_config
+
+    @property
+    def resumable(self) -> bool:
+        """Whether it holds the whole training state (optimizer, configs, RNG streams)."""
+        return (self.optimizer_state is not None and self.train_config is not None
+                and self.meta.rng is not None)
 
 
 # ---------------------------------------------------------------------------------------------
 # writing
 
-def encode_checkpoint(model: GPT, tokenizer, optimizer=None, meta: dict | None = None) -> bytes:
+def encode_checkpoint(model: GPT, tokenizer, optimizer=None,
+                      meta: CheckpointMeta | None = None) -> bytes:
     """The bytes of a checkpoint file. Refuses non-finite weights: a diverged run must not
     replace a good checkpoint."""
     flat = model.params.flat
@@ -67,22 +126,23 @@ def encode_checkpoint(model: GPT, tokenizer, optimizer=None, meta: dict | None =
                         "(training diverged); the previous checkpoint is kept")
     tensors = {name: np.ascontiguousarray(model.params[name], dtype=np.float32)
                for name in model.params.names()}
-    info = {k: _jsonable(v) for k, v in (meta or {}).items()}
-    info.update(format_version=FORMAT_VERSION, model_config=model.cfg.to_dict(),
-                tokenizer=tokenizer.to_dict(), num_params=int(model.num_params))
+    meta = replace(meta or CheckpointMeta(), format_version=FORMAT_VERSION,
+                   num_params=int(model.num_params), optimizer_step=None)
     if optimizer is not None:
         for prefix, buf in zip(_MOMENTS, (optimizer.m, optimizer.v)):
             for name, (a, b) in model.params.offsets.items():
                 tensors[prefix + name] = np.ascontiguousarray(
                     buf[a:b].reshape(model.params[name].shape), dtype=np.float32)
-        info["optimizer_step"] = int(optimizer.step_count)
+        meta.optimizer_step = int(optimizer.step_count)
+    info = dict(meta.to_json(), model_config=model.cfg.to_dict(), tokenizer=tokenizer.to_dict())
     info_json = json.dumps(info, sort_keys=True, allow_nan=False)
     from safetensors.numpy import save
     return save(tensors, metadata={"format": FORMAT_NAME, "randygpt": info_json,
                                    "sha256": _digest(info_json, tensors)})
 
 
-def save_checkpoint(path, model: GPT, tokenizer, optimizer=None, meta: dict | None = None) -> None:
+def save_checkpoint(path, model: GPT, tokenizer, optimizer=None,
+                    meta: CheckpointMeta | None = None) -> None:
     write_atomic(path, encode_checkpoint(model, tokenizer, optimizer, meta))
 
 
@@ -268,13 +328,13 @@ def _assemble(path, info, tensors, bad) -> Checkpoint:
     model = GPT(mcfg, seed=None)
     for name in expected:
         model.params[name][...] = tensors[name]
+    meta = CheckpointMeta.from_json(info)
     opt_state = None
     if has_moments:
         m, v = (np.concatenate([tensors[p + n].ravel() for n in model.params.names()])
                 for p in _MOMENTS)
-        opt_state = {"m": m, "v": v, "step": int(info.get("optimizer_step", 0))}
-    tcfg = TrainConfig.from_dict(info["train_config"]) if info.get("train_config") else None
-    return Checkpoint(path, model, tokenizer, mcfg, tcfg, info, opt_state)
+        opt_state = {"m": m, "v": v, "step": int(meta.optimizer_step or 0)}
+    return Checkpoint(path, model, tokenizer, mcfg, meta, opt_state)
 
 
 def _digest(info_json: str, tensors: dict) -> str:
@@ -321,40 +381,27 @@ def restore_optimizer(opt, state: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# the rules of a run directory and of resuming
+# finding and describing checkpoints
 
-def check_run_dir(out_dir: str, resume: Checkpoint | None) -> None:
-    """Never overwrite another run: a run directory with a checkpoint is only written to by a
-    resume of a checkpoint that lives in it. Leftover temp files of killed writers go."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"--out {out_dir} is a file, not a directory; choose another --out")
-    existing = [n for n in (LATEST, BEST) if os.path.exists(os.path.join(out_dir, n))]
-    if existing:
-        same = resume is not None and os.path.samefile(
-            os.path.dirname(os.path.abspath(resume.path)), out_dir)
-        if not same:
-            raise UserError(f"{out_dir} already holds a checkpoint ({existing[0]}); continue "
-                            f"that run with --resume, or choose another --out")
-    if os.path.isdir(out_dir):
-        remove_stale_temp_files(out_dir)
-
-
-def check_resumable(ckpt: Checkpoint, mcfg: ModelConfig, tcfg: TrainConfig) -> None:
-    """An exact continuation needs the full training state and the very same configs; only
-    the target iteration count may change, and it must lie ahead."""
-    if ckpt.optimizer_state is None or ckpt.train_config is None or "rng" not in ckpt.meta:
-        raise UserError(f"{ckpt.path} holds weights only (no optimizer or RNG state), so it "
-                        "cannot be resumed; use --fine-tune to start from it")
-    if mcfg != ckpt.model_config:
-        raise UserError(f"the model config differs from the checkpoint's ({ckpt.path})")
-    theirs = replace(ckpt.train_config, iters=tcfg.iters)
-    if theirs != tcfg:
-        diff = [f"{k} {v} (checkpoint: {theirs.to_dict()[k]})"
-                for k, v in tcfg.to_dict().items() if theirs.to_dict()[k] != v]
-        raise UserError(f"the training config differs from the checkpoint's: {', '.join(diff)}")
-    if ckpt.iter >= tcfg.iters:
-        raise UserError(f"{ckpt.path} is already at iteration {ckpt.iter}; --iters is the total "
-                        f"target, so pass --iters larger than {ckpt.iter} to train more")
+def find_checkpoint(checkpoint=None, run=None, runs_dir="runs") -> str:
+    """`checkpoint` as given; `run`'s best (else latest) checkpoint; else the best checkpoint
+    of the most recently modified run directory under runs_dir that has one."""
+    if checkpoint is not None:
+        return checkpoint
+    if run is not None:
+        for name in (BEST, LATEST):
+            if os.path.isfile(os.path.join(run, name)):
+                return os.path.join(run, name)
+        raise UserError(f"run directory {run!r} has no {BEST} or {LATEST}; "
+                        "pass {field} PATH or a run that has been trained", "checkpoint")
+    runs = []
+    if os.path.isdir(runs_dir):
+        runs = [os.path.join(runs_dir, d) for d in os.listdir(runs_dir)
+                if os.path.isfile(os.path.join(runs_dir, d, BEST))]
+    if not runs:
+        raise UserError(f"no checkpoint given and no run under ./{runs_dir} has a {BEST}; "
+                        "train one with 'randygpt train' or pass {field} PATH", "checkpoint")
+    return os.path.join(max(runs, key=os.path.getmtime), BEST)
 
 
 def summary(ckpt: Checkpoint) -> dict:
@@ -363,13 +410,13 @@ def summary(ckpt: Checkpoint) -> dict:
     return {
         "path": ckpt.path,
         "file_size": os.path.getsize(ckpt.path),
-        "format_version": meta["format_version"],
+        "format_version": meta.format_version,
         "model_config": ckpt.model_config.to_dict(),
         "num_params": int(ckpt.model.num_params),
         "iter": ckpt.iter,
-        "optimizer_step": meta.get("optimizer_step"),
-        "best_val_loss": meta.get("best_val_loss"),
-        "val_loss": meta.get("val_loss"),
+        "optimizer_step": meta.optimizer_step,
+        "best_val_loss": meta.best_val_loss,
+        "val_loss": meta.val_loss,
         "tokenizer": {"kind": ckpt.tokenizer.to_dict().get("kind"),
                       "vocab_size": int(ckpt.tokenizer.vocab_size)},
         "train_config": ckpt.train_config.to_dict() if ckpt.train_config else None,

@@ -4,9 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
-from .config import DEFAULT_PRESET, PRESETS, ModelConfig, TrainConfig
+from .config import DEFAULT_PRESET, PRESETS, ModelConfig, TrainConfig, flag_fields, flag_name
 from .errors import UserError
 
 
@@ -39,122 +38,85 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="randygpt", description="randyGPT: a GPT you can read, trained "
                      "from scratch on your own text with hand-written NumPy math.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
-    t = sub.add_parser("train", help="train a model on a text file",
-                       description="Train a GPT on a UTF-8 text file and print a sample.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = TrainConfig()
-    t.add_argument("--data", metavar="PATH", default=None,
-                   help="training text (UTF-8); default: ./train.txt, else the built-in sample")
-    t.add_argument("--preset", default=DEFAULT_PRESET, metavar="NAME",
-                   help="model size: " + ", ".join(
-                       "%s (%dL/%dd/%dh)" % (k, v["n_layer"], v["n_embd"], v["n_head"])
-                       for k, v in PRESETS.items()))
-    t.add_argument("--iters", type=_positive_int, default=d.iters,
-                   help="total training iterations (the target when resuming)")
-    t.add_argument("--out", metavar="DIR", default=None,
-                   help="run directory for metrics.jsonl (default: runs/<data>-<preset>-<time>)")
-    t.add_argument("--seed", type=int, default=d.seed,
-                   help="seed for init, batches and dropout; same seed + threads = same losses")
-    g = t.add_argument_group("model (override the preset)")
-    g.add_argument("--layers", type=_positive_int, help="number of transformer blocks")
-    g.add_argument("--dim", type=_positive_int, help="embedding width C")
-    g.add_argument("--heads", type=_positive_int, help="attention heads (must divide --dim)")
-    g.add_argument("--block", type=_positive_int, help="context length in tokens")
-    g.add_argument("--dropout", type=_nonneg_float, help="dropout probability (default 0.1)")
-    o = t.add_argument_group("optimisation")
-    o.add_argument("--batch", type=_positive_int, help="sequences per step (preset's)")
-    o.add_argument("--lr", type=_nonneg_float, default=d.lr, help="peak learning rate")
-    o.add_argument("--min-lr", type=_nonneg_float, default=d.min_lr,
-                   help="learning rate at the end of the cosine decay")
-    o.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup iterations")
-    o.add_argument("--decay-frac", type=_nonneg_float, default=d.decay_frac,
-                   help="final fraction of the run over which the LR decays (cosine)")
-    o.add_argument("--beta2", type=_nonneg_float, default=d.beta2, help="AdamW beta2")
-    o.add_argument("--weight-decay", type=_nonneg_float, default=d.weight_decay,
-                   help="AdamW decoupled weight decay (matrices only)")
-    o.add_argument("--grad-clip", type=_nonneg_float, default=d.grad_clip,
-                   help="clip the global gradient L2 norm to this (0 = off)")
-    o.add_argument("--reference-ops", action="store_true",
-                   help="train on the readable NumPy reference ops instead of the fused numba "
-                   "kernels (slower; the same losses to float32 round-off)")
-    e = t.add_argument_group("evaluation and output")
-    e.add_argument("--eval-interval", type=_positive_int, default=d.eval_interval,
-                   help="evaluate every N iterations")
-    e.add_argument("--eval-iters", type=_positive_int, default=d.eval_iters,
-                   help="batches per loss estimate")
-    e.add_argument("--sample-tokens", type=int, default=300,
-                   help="characters of text to generate at the end (0 = none)")
-    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_train(sub)
     _add_generate_and_eval(sub)
-    _add_checkpoint_train_flags(t)
-    _add_tokenizer_flags(t)
     _add_info(sub)
     _add_export_tokenizer(sub)
     return parser
 
 
-def configs_from_args(args) -> tuple[ModelConfig, TrainConfig]:
-    if args.preset not in PRESETS:
-        raise UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
-    p = dict(PRESETS[args.preset])
-    mcfg = ModelConfig(
-        n_layer=args.layers or p["n_layer"], n_embd=args.dim or p["n_embd"],
-        n_head=args.heads or p["n_head"], block_size=args.block or p["block_size"],
-        dropout=args.dropout if args.dropout is not None else ModelConfig.dropout)
-    tcfg = TrainConfig(
-        iters=args.iters, batch_size=args.batch or p["batch_size"], lr=args.lr,
-        min_lr=args.min_lr, warmup=args.warmup, decay_frac=args.decay_frac, beta2=args.beta2,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        eval_interval=args.eval_interval, eval_iters=args.eval_iters, seed=args.seed)
-    try:
-        mcfg.validate()
-        tcfg.validate()
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    return mcfg, tcfg
+# --------------------------------------------------------------------------------------------
+# train: flags -> runs.plan_run -> train.train
+
+def _add_train(sub) -> None:
+    from .ops.contract import BACKENDS
+    from .tokenizer import DEFAULT_BPE_VOCAB
+    t = sub.add_parser("train", help="train a model on a text file",
+                       description="Train a GPT on a UTF-8 text file and print a sample.")
+    t.add_argument("--data", metavar="PATH", default=None,
+                   help="training text (UTF-8); default: ./train.txt, else the built-in sample")
+    t.add_argument("--preset", default=None, metavar="NAME", help="model size: " + ", ".join(
+        "%s (%dL/%dd/%dh)" % (k, v["n_layer"], v["n_embd"], v["n_head"])
+        for k, v in PRESETS.items()) + f" (default {DEFAULT_PRESET})")
+    t.add_argument("--out", metavar="DIR", default=None,
+                   help="run directory (default: runs/<data>-<preset>-<time>)")
+    t.add_argument("--backend", choices=list(BACKENDS), default="fused",
+                   help="the ops to train on: the fused numba kernels, or the readable NumPy "
+                   "reference (slower; the same losses to float32 round-off) (default fused)")
+    for cls, title in ((ModelConfig, "model (override the preset)"), (TrainConfig, "training")):
+        group = t.add_argument_group(title)
+        for f in flag_fields(cls):     # default SUPPRESS: args holds only what was typed
+            kind = {"int": _positive_int if f.metadata["positive"] else int,
+                    "float": _nonneg_float}[f.type]
+            default = "the preset's" if f.metadata["preset"] else f.default
+            group.add_argument(flag_name(f), dest=f.name, type=kind, default=argparse.SUPPRESS,
+                               metavar=flag_name(f)[2:].upper().replace("-", "_"),
+                               help=f"{f.metadata['help']} (default {default})")
+    e = t.add_argument_group("output")
+    e.add_argument("--sample-tokens", type=int, default=300,
+                   help="tokens of text to generate at the end (0 = none; default 300)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c = t.add_argument_group("checkpoints")
+    c.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue a run exactly where its checkpoint left it: PATH, or without "
+                        "PATH the --out directory's checkpoint.safetensors; the checkpoint's "
+                        "configuration is used and --iters is the total target")
+    c.add_argument("--fine-tune", metavar="PATH", default=None,
+                   help="start from PATH's weights and tokenizer with a fresh optimizer and "
+                        "iteration counter, on new --data")
+    k = t.add_argument_group("tokenizer and documents")
+    k.add_argument("--bpe", nargs="?", type=_positive_int, const=DEFAULT_BPE_VOCAB, default=None,
+                   metavar="N", help="train a byte-level BPE tokenizer with N tokens (N "
+                   f"default {DEFAULT_BPE_VOCAB}) instead of one token per character")
+    k.add_argument("--doc-separator", metavar="STRING", default=None,
+                   help="split the text into documents at STRING (\\n, \\t, \\\\ are "
+                   "escapes, e.g. '\\n\\n' for a blank line); no training window spans two")
+
+
+_CONFIG_FLAGS = {f.name: f for cls in (ModelConfig, TrainConfig) for f in flag_fields(cls)}
+
+
+def flag_of(field: str) -> str:
+    """How the CLI spells a library field: its flag (n_embd -> --dim), else --field-name; a
+    config field that is no flag (norm) stays its name."""
+    if field in _CONFIG_FLAGS:
+        return flag_name(_CONFIG_FLAGS[field])
+    if field in ModelConfig.__dataclass_fields__ or field in TrainConfig.__dataclass_fields__:
+        return field
+    return "--" + field.replace("_", "-")
 
 
 def cmd_train(args) -> int:
+    from .runs import plan_run
     from .train import train
-    if args.resume is not None or args.fine_tune is not None:
-        if args.bpe is not None:
-            raise UserError(f"--bpe trains a new tokenizer, but --"
-                            f"{'resume' if args.resume is not None else 'fine-tune'} keeps the "
-                            "checkpoint's: drop --bpe")
-        return _train_from_checkpoint(args)
-    mcfg, tcfg = configs_from_args(args)
-    if _on_builtin_sample(args):
-        given = flags_given(args._argv)
-        if "iters" not in given:
-            tcfg.iters = SAMPLE_ITERS
-            if "eval_interval" not in given:
-                tcfg.eval_interval = SAMPLE_ITERS // 8
-            print(f"the built-in sample is only a few KB: training {SAMPLE_ITERS} iterations "
-                  "(longer runs only memorise it; --iters N to choose)")
-    out = args.out or _default_out(args, args.preset)
-    result = train(mcfg, tcfg, data_path=args.data, out_dir=out,
-                   sample_tokens=max(0, args.sample_tokens),
-                   progress=False if args.no_progress else None, bpe_vocab_size=args.bpe,
-                   **_data_options(args, out), reference_ops=args.reference_ops)
-    return _finish_train(result, out)
-
-
-# On the ~5 KB built-in sample the small preset's val loss is lowest after ~150 iterations and
-# then climbs as it memorises the text (measured: 2.25 at 150, 2.65 at 300, 3.54 at 500 of a
-# 2000-iteration run): a demo run stops near the minimum.
-SAMPLE_ITERS = 200
-
-
-def _on_builtin_sample(args) -> bool:
-    return args.data is None and not os.path.exists("train.txt")
-
-
-def _default_out(args, tag: str) -> str:
-    stem = os.path.splitext(os.path.basename(args.data or "train.txt"))[0]
-    if _on_builtin_sample(args):
-        stem = "sample"
-    return os.path.join("runs", f"{stem}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}")
+    given = {name: getattr(args, name) for name in _CONFIG_FLAGS if hasattr(args, name)}
+    plan = plan_run(given, preset=args.preset, resume=args.resume, fine_tune=args.fine_tune,
+                    data_path=args.data, out_dir=args.out, runs_dir="runs",
+                    bpe_vocab_size=args.bpe, doc_separator=None if args.doc_separator is None
+                    else _unescape(args.doc_separator))
+    result = train(plan, backend=args.backend, sample_tokens=max(0, args.sample_tokens),
+                   progress=False if args.no_progress else None)
+    return _finish_train(result, plan.out_dir)
 
 
 def _finish_train(result, out) -> int:
@@ -173,28 +135,7 @@ def _finish_train(result, out) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# checkpoints: train --resume / --fine-tune, and `randygpt info`
-
-# train flag (argparse dest) -> the config field it sets
-_MODEL_FLAGS = {"layers": "n_layer", "dim": "n_embd", "heads": "n_head", "block": "block_size",
-                "dropout": "dropout"}
-_TRAIN_FLAGS = {"batch": "batch_size", "lr": "lr", "min_lr": "min_lr", "warmup": "warmup",
-                "decay_frac": "decay_frac", "beta2": "beta2", "weight_decay": "weight_decay",
-                "grad_clip": "grad_clip", "eval_interval": "eval_interval",
-                "eval_iters": "eval_iters", "seed": "seed"}
-_SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "block_size")
-
-
-def _add_checkpoint_train_flags(t) -> None:
-    c = t.add_argument_group("checkpoints")
-    c.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                   help="continue a run exactly where its checkpoint left it: PATH, or without "
-                        "PATH the --out directory's checkpoint.safetensors; the checkpoint's "
-                        "configuration is used and --iters is the total target")
-    c.add_argument("--fine-tune", metavar="PATH", default=None,
-                   help="start from PATH's weights and tokenizer with a fresh optimizer and "
-                        "iteration counter, on new --data")
-
+# checkpoints and tokenizers: `randygpt info` and `randygpt export-tokenizer`
 
 def _add_info(sub) -> None:
     i = sub.add_parser("info", help="describe a checkpoint",
@@ -202,118 +143,6 @@ def _add_info(sub) -> None:
                        "iteration, best val loss, tokenizer and file size.")
     i.add_argument("path", metavar="PATH", help="checkpoint file (or a run directory)")
     i.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-
-
-def flags_given(argv) -> set[str]:
-    """The dests of the options typed on the command line. argparse fills in defaults without
-    saying so, so parse once more with every subcommand default suppressed."""
-    parser = build_parser()
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                for a in sub._actions:
-                    a.default = argparse.SUPPRESS
-    given = vars(parser.parse_args(argv))
-    return {k for k, v in given.items() if v is not argparse.SUPPRESS} - {"command"}
-
-
-def _explicit_config(args, given) -> dict:
-    """config field -> (the flag as typed, its value), for every field the command line sets."""
-    out = {}
-    if "preset" in given:
-        if args.preset not in PRESETS:
-            raise UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
-        out = {f: (f"--preset {args.preset}", v) for f, v in PRESETS[args.preset].items()}
-    for dest, field in {**_MODEL_FLAGS, **_TRAIN_FLAGS}.items():
-        if dest in given:
-            value = getattr(args, dest)
-            out[field] = (f"--{dest.replace('_', '-')} {value}", value)
-    return out
-
-
-def _refuse_contradictions(explicit, config: dict, fields, path, rule) -> None:
-    by_flag: dict[str, list[str]] = {}
-    for field, (flag, value) in explicit.items():
-        if field in fields and value != config[field]:
-            by_flag.setdefault(flag, []).append(f"{field} {config[field]}")
-    bad = [f"{flag} (the checkpoint has {', '.join(theirs)})" for flag, theirs in by_flag.items()]
-    if bad:
-        raise UserError(f"{', '.join(bad)}: contradicts the checkpoint {path}; {rule}")
-
-
-def _train_from_checkpoint(args) -> int:
-    from dataclasses import replace
-
-    from .checkpoint import LATEST, load_checkpoint
-    from .train import train
-    if args.resume is not None and args.fine_tune is not None:
-        raise UserError("--resume and --fine-tune exclude each other: resume continues a run, "
-                        "fine-tune starts a new one from a checkpoint's weights")
-    given = flags_given(args._argv)
-    explicit = _explicit_config(args, given)
-    progress = False if args.no_progress else None
-    if args.resume is not None:
-        path = args.resume
-        if path == "":
-            if args.out is None:
-                raise UserError("--resume without a PATH continues the run in --out DIR: pass "
-                                "--out DIR, or --resume PATH")
-            path = os.path.join(args.out, LATEST)
-            if not os.path.exists(path):
-                raise UserError(f"{args.out} holds no {LATEST} to resume; train without "
-                                "--resume to start a new run there")
-        ckpt = load_checkpoint(path)
-        if ckpt.train_config is None or ckpt.optimizer_state is None:
-            raise UserError(f"{ckpt.path} holds weights only (no optimizer or training state), "
-                            "so it cannot be resumed; use --fine-tune PATH to start from it")
-        advice = ("on --resume the checkpoint's configuration is used: drop the flag, or "
-                  "start a new run (or --fine-tune) to change it")
-        _refuse_contradictions(explicit, {**ckpt.model_config.to_dict(),
-                                          **ckpt.train_config.to_dict()},
-                               [*_MODEL_FLAGS.values(), *_TRAIN_FLAGS.values()], ckpt.path, advice)
-        tcfg = replace(ckpt.train_config,
-                       iters=args.iters if "iters" in given else ckpt.train_config.iters)
-        data = args.data if args.data is not None else ckpt.meta.get("data", {}).get("path")
-        out = args.out or os.path.dirname(os.path.abspath(ckpt.path))
-        result = train(replace(ckpt.model_config), tcfg, data_path=data, out_dir=out,
-                       sample_tokens=max(0, args.sample_tokens), progress=progress, resume=ckpt,
-                       **_data_options(args, out), reference_ops=args.reference_ops)
-        return _finish_train(result, out)
-
-    ckpt = load_checkpoint(args.fine_tune)
-    _refuse_contradictions(explicit, ckpt.model_config.to_dict(), _SHAPE_FIELDS, ckpt.path,
-                           "fine-tuning keeps the checkpoint's model shape: drop the flag")
-    for dest, field in _MODEL_FLAGS.items():     # the shape comes from the checkpoint
-        if field in _SHAPE_FIELDS or dest not in given:
-            setattr(args, dest, getattr(ckpt.model_config, field))
-    mcfg, tcfg = configs_from_args(args)
-    out = args.out or _default_out(args, "finetune")
-    result = train(mcfg, tcfg, data_path=args.data, out_dir=out,
-                   sample_tokens=max(0, args.sample_tokens), progress=progress, fine_tune=ckpt,
-                   **_data_options(args, out), reference_ops=args.reference_ops)
-    return _finish_train(result, out)
-
-
-# --------------------------------------------------------------------------------------------
-# tokenizer and documents: train --bpe / --doc-separator, and `randygpt export-tokenizer`
-
-def _add_tokenizer_flags(t) -> None:
-    from .tokenizer import DEFAULT_BPE_VOCAB
-    k = t.add_argument_group("tokenizer and documents")
-    k.add_argument("--bpe", nargs="?", type=_positive_int, const=DEFAULT_BPE_VOCAB, default=None,
-                   metavar="N", help="train a byte-level BPE tokenizer with N tokens (N "
-                   f"default {DEFAULT_BPE_VOCAB}) instead of one token per character")
-    k.add_argument("--doc-separator", metavar="STRING", default=None,
-                   help="split the text into documents at STRING (\\n, \\t, \\\\ are "
-                   "escapes, e.g. '\\n\\n' for a blank line); no training window spans two")
-
-
-def _data_options(args, out: str) -> dict:
-    """train() keywords for documents and the token cache: the cache is the folder
-    token-cache next to the run directory, shared by runs on the same text."""
-    sep = None if args.doc_separator is None else _unescape(args.doc_separator)
-    cache = os.path.join(os.path.dirname(os.path.normpath(out)), "token-cache")
-    return dict(doc_separator=sep, cache_dir=cache)
 
 
 def _add_export_tokenizer(sub) -> None:
@@ -415,30 +244,8 @@ def _add_checkpoint_flags(p) -> None:
                    help="run directory: its checkpoint_best.safetensors, else its latest")
 
 
-def find_checkpoint(checkpoint=None, run=None, runs_dir="runs") -> str:
-    """--checkpoint as given; --run's best (else latest) checkpoint; else the best checkpoint
-    of the most recently modified run directory under runs_dir that has one."""
-    from .checkpoint import BEST, LATEST
-    if checkpoint is not None:
-        return checkpoint
-    if run is not None:
-        for name in (BEST, LATEST):
-            if os.path.isfile(os.path.join(run, name)):
-                return os.path.join(run, name)
-        raise UserError(f"run directory {run!r} has no {BEST} or {LATEST}; "
-                        "pass --checkpoint PATH or a run that has been trained")
-    runs = []
-    if os.path.isdir(runs_dir):
-        runs = [os.path.join(runs_dir, d) for d in os.listdir(runs_dir)
-                if os.path.isfile(os.path.join(runs_dir, d, BEST))]
-    if not runs:
-        raise UserError(f"no checkpoint given and no run under ./{runs_dir} has a {BEST}; "
-                        "train one with 'randygpt train' or pass --checkpoint PATH")
-    return os.path.join(max(runs, key=os.path.getmtime), BEST)
-
-
 def _load_model(args):
-    from .checkpoint import load_checkpoint
+    from .checkpoint import find_checkpoint, load_checkpoint
     path = find_checkpoint(args.checkpoint, args.run)
     if args.checkpoint is None and args.run is None:
         print(f"randygpt {args.command}: using {path}", file=sys.stderr)
@@ -524,7 +331,6 @@ def main(argv=None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    args._argv = argv            # flags_given() needs what was typed, not the defaults
     if args.command is None:
         parser.print_help()
         return 2
@@ -533,7 +339,7 @@ def main(argv=None) -> int:
     try:
         return handlers[args.command](args)
     except UserError as e:
-        print(f"randygpt {args.command}: error: {e}", file=sys.stderr)
+        print(f"randygpt {args.command}: error: {e.render(flag_of)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"randygpt {args.command}: interrupted", file=sys.stderr)

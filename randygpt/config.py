@@ -1,12 +1,14 @@
 """Model and training configuration, and the preset table.
 
-Every field here is a flag of `randygpt train`; a preset fills in the model shape and the
-batch geometry, and any flag given explicitly overrides it.
+The fields made with `setting()` are the flags of `randygpt train` (the CLI builds them from
+this metadata: name, help, default); a preset fills in the model shape and the batch geometry,
+and any flag given explicitly overrides it. The architecture's description (norm, activation,
+biases, tied head) is data, not flags: only today's values exist.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from .errors import UserError
 
@@ -18,22 +20,55 @@ NORMS = ("rmsnorm",)
 ACTIVATIONS = ("squared_relu",)
 
 
+def setting(default, help: str, *, flag: str | None = None, preset: bool = False,
+            positive: bool = False):
+    """A config field that is a flag of `randygpt train`: its help, its flag's name (default:
+    the field name with dashes), whether a preset sets it, whether it must be at least 1."""
+    return field(default=default, metadata=dict(
+        help=help, flag=flag, preset=preset, positive=positive))
+
+
+def flag_fields(cls) -> list:
+    """The fields of a config class that are flags, in declaration order."""
+    return [f for f in fields(cls) if "help" in f.metadata]
+
+
+def flag_name(f) -> str:
+    return "--" + (f.metadata["flag"] or f.name.replace("_", "-"))
+
+
+class _Config:
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(_Config):
     vocab_size: int = 0       # set from the tokenizer (0: not known yet)
-    block_size: int = 64      # context length T
-    n_layer: int = 6
-    n_embd: int = 128         # channels C
-    n_head: int = 8
-    dropout: float = 0.1
+    block_size: int = setting(64, "context length in tokens", flag="block", preset=True,
+                              positive=True)
+    n_layer: int = setting(6, "number of transformer blocks", flag="layers", preset=True,
+                           positive=True)
+    n_embd: int = setting(128, "embedding width C", flag="dim", preset=True, positive=True)
+    n_head: int = setting(8, "attention heads (must divide the width)", flag="heads",
+                          preset=True, positive=True)
+    dropout: float = setting(0.1, "dropout probability")
+    # the architecture's description: not flags yet, since only today's values exist
     norm: str = "rmsnorm"             # the norm before attention, MLP and the LM head
     norm_eps: float = 1e-5
     activation: str = "squared_relu"  # the MLP's nonlinearity: relu(x)^2
     bias: bool = False                # biases on the linear layers
     tied_head: bool = False           # LM head = wte^T (no separate lm_head matrix)
 
-    def validate(self) -> None:
-        for name in ("n_layer", "n_embd", "n_head", "block_size", "vocab_size"):
+    def validate(self, need_vocab: bool = True) -> None:
+        """need_vocab=False: the shape alone, before a tokenizer has set vocab_size."""
+        sizes = ("n_layer", "n_embd", "n_head", "block_size") + ("vocab_size",) * need_vocab
+        for name in sizes:
             if getattr(self, name) < 1:
                 raise UserError(f"{{field}} {getattr(self, name)} must be at least 1", name)
         if self.n_embd % self.n_head:
@@ -52,58 +87,44 @@ class ModelConfig:
             raise UserError("biases and a tied LM head are not implemented yet", "bias"
                             if self.bias else "tied_head")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
 
 @dataclass
-class TrainConfig:
-    iters: int = 2000
-    batch_size: int = 32
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup: int = 100          # iterations of linear warmup
-    decay_frac: float = 0.3    # the final fraction of the run that decays the LR (cosine)
-    beta1: float = 0.9
-    beta2: float = 0.99
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    eval_interval: int = 250
-    eval_iters: int = 20
-    seed: int = 1337
+class TrainConfig(_Config):
+    iters: int = setting(2000, "total training iterations (the target when resuming)",
+                         positive=True)
+    batch_size: int = setting(32, "sequences per step", flag="batch", preset=True,
+                              positive=True)
+    lr: float = setting(1e-3, "peak learning rate")
+    min_lr: float = setting(1e-4, "learning rate at the end of the cosine decay")
+    warmup: int = setting(100, "linear warmup iterations")
+    decay_frac: float = setting(0.3, "final fraction of the run over which the LR decays "
+                                "(cosine)")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.99, "AdamW beta2")
+    weight_decay: float = setting(0.01, "AdamW decoupled weight decay (matrices only)")
+    grad_clip: float = setting(1.0, "clip the global gradient L2 norm to this (0 = off)")
+    eval_interval: int = setting(250, "evaluate every N iterations", positive=True)
+    eval_iters: int = setting(20, "batches per loss estimate", positive=True)
+    seed: int = setting(1337, "seed for init, batches and dropout; same seed + threads = same "
+                        "losses")
 
     def validate(self) -> None:
-        if self.iters < 1:
-            raise ValueError(f"--iters {self.iters} must be at least 1")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch {self.batch_size} must be at least 1")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"need 0 <= --min-lr ({self.min_lr}) <= --lr ({self.lr}) and --lr > 0")
-        if self.warmup < 0:
-            raise ValueError(f"--warmup {self.warmup} must be >= 0")
+        for name in ("iters", "batch_size", "eval_interval", "eval_iters"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{{field}} {getattr(self, name)} must be at least 1", name)
+        if not self.lr > 0:
+            raise UserError(f"{{field}} {self.lr} must be > 0", "lr")
+        if not 0 <= self.min_lr <= self.lr:
+            raise UserError(f"{{field}} {self.min_lr} must lie between 0 and the peak learning "
+                            f"rate ({self.lr})", "min_lr")
+        for name, low in (("warmup", 0), ("weight_decay", 0), ("grad_clip", 0)):
+            if getattr(self, name) < low:
+                raise UserError(f"{{field}} {getattr(self, name)} must be >= 0", name)
         if not 0.0 <= self.decay_frac <= 1.0:
-            raise ValueError(f"--decay-frac {self.decay_frac} must be in [0, 1]")
-        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
-            raise ValueError("--beta1 and --beta2 must be in [0, 1)")
-        if self.weight_decay < 0:
-            raise ValueError(f"--weight-decay {self.weight_decay} must be >= 0")
-        if self.grad_clip < 0:
-            raise ValueError(f"--grad-clip {self.grad_clip} must be >= 0 (0 turns clipping off)")
-        if self.eval_interval < 1 or self.eval_iters < 1:
-            raise ValueError("--eval-interval and --eval-iters must be at least 1")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+            raise UserError(f"{{field}} {self.decay_frac} must be in [0, 1]", "decay_frac")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"{{field}} {getattr(self, name)} must be in [0, 1)", name)
 
 
 # The seed's size table. "small" is the seed's v0.5 config (~1.2M parameters with a 65-char

@@ -229,14 +229,6 @@ class Split:
     val: np.ndarray | Documents
 
 
-def split_tokens(tokens: np.ndarray, block_size: int, source: str = "the text") -> Split:
-    """First 90 % for training, last 10 % for validation; each needs a whole window."""
-    n_val = int(len(tokens) * VAL_FRACTION)
-    train, val = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:]
-    _check_long_enough(len(tokens), len(val), block_size, source)
-    return Split(train, val)
-
-
 def split_documents(docs: Documents, block_size: int, decode=None,
                     source: str = "the text") -> Split:
     """About the last 10 % of tokens for validation, as whole documents where a document

@@ -13,13 +13,14 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from randygpt import checkpoint as ck
-from randygpt.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from randygpt.checkpoint import FORMAT_VERSION, CheckpointMeta, load_checkpoint, save_checkpoint
 from randygpt.cli import main
 from randygpt.config import ModelConfig, TrainConfig
 from randygpt.errors import UserError
 from randygpt.model import GPT, count_parameters
 from randygpt.optim import AdamW
 from randygpt.tokenizer import CharTokenizer
+from randygpt.runs import plan_run
 from randygpt.train import train
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
@@ -37,7 +38,8 @@ def tiny_configs(**kw):
 def good_run(tmp_path_factory):
     """A run directory holding a real checkpoint from 12 training iterations."""
     out = tmp_path_factory.mktemp("run")
-    train(*tiny_configs(), text=TEXT, out_dir=str(out), sample_tokens=0, log=lambda *_: None)
+    train(plan_run(*tiny_configs(), text=TEXT, out_dir=str(out)), sample_tokens=0,
+          log=lambda *_: None)
     return out
 
 
@@ -83,19 +85,19 @@ def test_save_load_round_trip_is_exact(tmp_path):
     draws.random(5)
     tcfg = TrainConfig(iters=77, lr=2e-3)
     path = tmp_path / "c.safetensors"
-    save_checkpoint(path, model, tok, opt, dict(iter=3, train_config=tcfg, best_val_loss=1.5,
-                                                rng={"batch": ck.rng_state(draws)}))
+    save_checkpoint(path, model, tok, opt, CheckpointMeta(
+        iter=3, train_config=tcfg, best_val_loss=1.5, rng={"batch": ck.rng_state(draws)}))
     c = load_checkpoint(str(path))
     np.testing.assert_array_equal(c.model.params.flat, model.params.flat)
     assert c.model.params.flat.dtype == np.float32
     np.testing.assert_array_equal(c.optimizer_state["m"], opt.m)
     np.testing.assert_array_equal(c.optimizer_state["v"], opt.v)
-    assert c.optimizer_state["step"] == 3 and c.iter == 3 and c.meta["best_val_loss"] == 1.5
+    assert c.optimizer_state["step"] == 3 and c.iter == 3 and c.meta.best_val_loss == 1.5
     assert c.model_config == mcfg and c.train_config == tcfg
     assert c.tokenizer.to_dict() == tok.to_dict()
-    assert c.meta["format_version"] == FORMAT_VERSION
+    assert c.meta.format_version == FORMAT_VERSION
     # the restored generator continues the very same stream
-    restored = ck.rng_from_state(c.meta["rng"]["batch"])
+    restored = ck.rng_from_state(c.meta.rng["batch"])
     np.testing.assert_array_equal(restored.random(4), draws.random(4))
     # no temp file is left behind, and the weights-only form has no optimizer state
     save_checkpoint(tmp_path / "w.safetensors", model, tok)

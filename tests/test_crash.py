@@ -73,7 +73,7 @@ def test_sigkill_at_random_instants_never_breaks_the_checkpoint(tmp_path):
         assert c.iter >= last_iter, "a checkpoint went backwards"
         last_iter = c.iter
         best = load_checkpoint(out / "checkpoint_best.safetensors")
-        assert best.iter <= c.iter and best.meta["best_val_loss"] == best.meta["val_loss"]
+        assert best.iter <= c.iter and best.meta.best_val_loss == best.meta.val_loss
 
     # finally let a resume run to completion: three more iterations, then a clean exit
     p, log = _start(["train", "--resume", "--out", str(out), "--iters", str(last_iter + 3),

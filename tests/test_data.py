@@ -303,12 +303,13 @@ def tiny_configs(iters=60):
 
 def test_train_with_bpe_documents_reports_bits_per_char_and_uses_the_cache(tmp_path):
     import json
+    from randygpt.runs import plan_run
     from randygpt.train import train
     m, t = tiny_configs()
     logs = []
-    r = train(m, t, text=SPEECHES, out_dir=str(tmp_path / "run"), sample_tokens=30,
-              bpe_vocab_size=300, doc_separator="\n\n", cache_dir=str(tmp_path / "cache"),
-              log=logs.append)
+    r = train(plan_run(m, t, text=SPEECHES, out_dir=str(tmp_path / "run"), bpe_vocab_size=300,
+                       doc_separator="\n\n", cache_dir=str(tmp_path / "cache")),
+              sample_tokens=30, log=logs.append)
     assert r.tokenizer.kind == "bpe" and r.model.cfg.vocab_size == r.tokenizer.vocab_size
     assert any("encoded" in x and "160 documents" in x for x in logs)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -321,8 +322,8 @@ def test_train_with_bpe_documents_reports_bits_per_char_and_uses_the_cache(tmp_p
         bits_per_char(rows[-1]["val_loss"] * val.n_targets, val.n_chars), rel=1e-5)
     assert set(r.sample) <= set(SPEECHES)
     logs.clear()
-    again = train(m, t, text=SPEECHES, sample_tokens=0, bpe_vocab_size=300,
-                  doc_separator="\n\n", cache_dir=str(tmp_path / "cache"), log=logs.append)
+    again = train(plan_run(m, t, text=SPEECHES, bpe_vocab_size=300, doc_separator="\n\n",
+                           cache_dir=str(tmp_path / "cache")), sample_tokens=0, log=logs.append)
     assert any("from the cache" in x for x in logs) and not any("encoded" in x for x in logs)
     assert again.history == [dict(h, elapsed_s=a["elapsed_s"], tokens_per_sec=a["tokens_per_sec"])
                              for h, a in zip(r.history, again.history)]

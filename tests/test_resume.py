@@ -19,12 +19,13 @@ from randygpt.config import ModelConfig, TrainConfig
 from randygpt.data import builtin_sample_text
 from randygpt.errors import UserError
 from randygpt.model import GPT
+from randygpt.runs import plan_run
 from randygpt.train import train
 
 TEXT = builtin_sample_text()
 TINY = ["--preset", "tiny", "--layers", "1", "--dim", "16", "--heads", "2", "--block", "16",
         "--batch", "4", "--eval-iters", "2", "--no-progress", "--sample-tokens", "0"]
-QUIET = dict(text=TEXT, sample_tokens=0, log=lambda *_: None)
+QUIET = dict(sample_tokens=0, log=lambda *_: None)
 
 
 def tiny():
@@ -60,21 +61,20 @@ def snapshot(d):
 
 def test_stopping_twice_and_resuming_is_bit_identical_to_a_straight_run(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    straight = train(*tiny(), out_dir=a, **QUIET)
+    straight = train(plan_run(*tiny(), text=TEXT, out_dir=a), **QUIET)
 
-    first = train(*tiny(), out_dir=b, stop_after=10, **QUIET)    # 10: between evaluations
+    first = train(plan_run(*tiny(), text=TEXT, out_dir=b), stop_after=10, **QUIET)    # 10: between evaluations
     assert first.iters_done == 10 and first.signal is None and first.sample == ""
     c = load_checkpoint(b)
     assert c.iter == 10 and c.optimizer_state["step"] == 10
-    second = train(replace(c.model_config), c.train_config, out_dir=b, resume=c,
-                   stop_after=23, **QUIET)
+    second = train(plan_run(resume=c, text=TEXT, out_dir=b), stop_after=23, **QUIET)
     assert second.iters_done == 23
     c = load_checkpoint(b)
     assert c.iter == 23
     # a killed run may have logged past its checkpoint, even half a line: resume drops that
     with open(os.path.join(b, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(dict(iter=24, train_loss=9.0, val_loss=9.0, lr=1.0)) + '\n{"iter": 3')
-    last = train(replace(c.model_config), c.train_config, out_dir=b, resume=c, **QUIET)
+    last = train(plan_run(resume=c, text=TEXT, out_dir=b), **QUIET)
 
     assert last.iters_done == straight.iters_done == 30
     np.testing.assert_array_equal(last.model.params.flat, straight.model.params.flat)
@@ -271,7 +271,7 @@ def test_fine_tune_starts_from_the_weights_with_a_fresh_optimizer(run12, tmp_pat
     assert c.iter == 1 and c.optimizer_state["step"] == 1      # fresh counter and optimizer
     assert c.train_config.lr == 1e-5 and c.train_config.seed == 1337
     assert c.tokenizer.to_dict() == src.tokenizer.to_dict()
-    assert c.meta["fine_tuned_from"] == os.path.abspath(os.path.join(out,
+    assert c.meta.fine_tuned_from == os.path.abspath(os.path.join(out,
                                                                      "checkpoint.safetensors"))
     # one AdamW step of lr 1e-5 moves each weight by about 1e-5 (|update| <= ~lr (1 + wd))
     delta = np.abs(c.model.params.flat - src.model.params.flat)
@@ -312,7 +312,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     monkeypatch.setattr(GPT, "forward", poisoned)
     m, t = tiny()
     with pytest.raises(UserError) as e:
-        train(m, replace(t, eval_interval=3), out_dir=out, **QUIET)
+        train(plan_run(m, replace(t, eval_interval=3), text=TEXT, out_dir=out), **QUIET)
     msg = str(e.value)
     assert "loss became nan at iteration 7" in msg and "diverged" in msg
     assert os.path.join(out, "checkpoint.safetensors") in msg

@@ -1,0 +1,226 @@
+"""Resolving a run before anything trains: fresh, resume or fine-tune. Every rule is here, once.
+
+    fresh      preset < explicit settings. The text is data_path's, else ./train.txt, else the
+               built-in sample, which is a short demo unless the iterations are chosen.
+    resume     the checkpoint's configuration; a setting that contradicts it is refused (only
+               the iteration target may change, and it must lie ahead); the same text and
+               documents (the checkpoint remembers where its text was).
+    fine-tune  the checkpoint's weights, tokenizer and model shape (dropout may change), with a
+               fresh optimizer and counter and the training settings chosen now.
+
+A run directory holding a checkpoint is only written by a resume of that checkpoint; the
+default one is runs_dir/<data>-<preset>-<time>, and the token cache sits next to it. The result
+is a RunPlan; train() runs it without checking it again.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, replace
+
+from .checkpoint import (BEST, LATEST, Checkpoint, DataInfo, load_checkpoint,
+                         remove_stale_temp_files)
+from .config import DEFAULT_PRESET, PRESETS, ModelConfig, TrainConfig
+from .data import builtin_sample_text, read_text
+from .errors import UserError
+
+SHAPE = ("n_layer", "n_embd", "n_head", "block_size")
+# On the ~5 KB built-in sample the small preset's val loss is lowest after ~150 iterations and
+# then climbs as it memorises the text (measured: 2.25 at 150, 2.65 at 300, 3.54 at 500 of a
+# 2000-iteration run): a demo run stops near the minimum.
+SAMPLE_ITERS = 200
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    model: ModelConfig            # vocab_size 0: the tokenizer sets it
+    train: TrainConfig
+    text: str
+    text_sha256: str
+    data_path: str | None         # the text's file (None: given as text, train.txt, built-in)
+    out_dir: str | None           # None: nothing is written
+    resume: Checkpoint | None = None
+    fine_tune: Checkpoint | None = None
+    bpe_vocab_size: int | None = None   # train a byte-level BPE tokenizer (fresh runs only)
+    doc_separator: str | None = None
+    cache_dir: str | None = None
+    notices: tuple = ()           # what the user should be told (the demo, the built-in text)
+
+
+class Contradiction(UserError):
+    """Settings that contradict a checkpoint: several fields, each rendered by the front end."""
+
+    def __init__(self, conflicts, path, rule):
+        self.conflicts, self.path, self.rule = conflicts, path, rule
+        super().__init__(self.render(), conflicts[0][0])
+
+    def render(self, name_of=lambda field: field) -> str:
+        bad = [f"{name_of(field)} {value} (the checkpoint has {', '.join(theirs)})"
+               for field, value, theirs in self.conflicts]
+        return f"{', '.join(bad)}: contradicts the checkpoint {self.path}; {self.rule}"
+
+
+def plan_run(*configs, preset: str | None = None, resume=None, fine_tune=None,
+             data_path: str | None = None, text: str | None = None, out_dir: str | None = None,
+             runs_dir: str | None = None, bpe_vocab_size: int | None = None,
+             doc_separator: str | None = None, cache_dir: str | None = None) -> RunPlan:
+    """The plan of a run. `configs`: ModelConfig / TrainConfig objects or dicts of config field
+    -> value, the settings chosen explicitly (later ones win); `preset`: a PRESETS name chosen
+    explicitly (fresh runs default to DEFAULT_PRESET). `resume` / `fine_tune`: a Checkpoint or
+    a path; resume "" is out_dir's latest checkpoint. `runs_dir`: where the default run
+    directory goes when out_dir is None (neither: nothing is written). `cache_dir`: default,
+    token-cache next to the run directory."""
+    chosen = {}
+    for c in configs:
+        chosen.update(c if isinstance(c, dict) else c.to_dict())
+    chosen.pop("vocab_size", None)                  # always the tokenizer's
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}",
+                        "preset")
+    if resume is not None and fine_tune is not None:
+        raise UserError("{field} and fine-tuning exclude each other: resume continues a run, "
+                        "fine-tuning starts a new one from a checkpoint's weights", "resume")
+    if bpe_vocab_size is not None and (resume is not None or fine_tune is not None):
+        raise UserError("{field} trains a new tokenizer, but "
+                        f"{'resume' if resume is not None else 'fine-tuning'} keeps the "
+                        "checkpoint's: drop {field}", "bpe")
+    given = dict(preset=preset, data_path=data_path, text=text, bpe_vocab_size=bpe_vocab_size,
+                 doc_separator=doc_separator)
+    if resume is not None:
+        plan = _resume(chosen, _checkpoint_to_resume(resume, out_dir), out_dir, **given)
+    elif fine_tune is not None:
+        ckpt = fine_tune if isinstance(fine_tune, Checkpoint) else load_checkpoint(fine_tune)
+        plan = _fresh(chosen, out_dir, runs_dir, fine_tune=ckpt, **given)
+    else:
+        plan = _fresh(chosen, out_dir, runs_dir, **given)
+    plan.train.validate()
+    if plan.out_dir is not None:
+        _check_run_dir(plan.out_dir, plan.resume)
+    if cache_dir is None and plan.out_dir is not None:
+        cache_dir = os.path.join(os.path.dirname(os.path.normpath(plan.out_dir)), "token-cache")
+    return replace(plan, cache_dir=cache_dir)
+
+
+def _fresh(chosen, out_dir, runs_dir, *, preset, data_path, text, bpe_vocab_size,
+           doc_separator, fine_tune=None) -> RunPlan:
+    values = {**PRESETS[preset or DEFAULT_PRESET], **chosen}
+    mcfg = ModelConfig.from_dict(values)
+    if fine_tune is not None:               # the checkpoint's shape; dropout may change
+        theirs = fine_tune.model_config
+        _refuse_contradictions(preset, chosen, theirs.to_dict(), SHAPE, fine_tune.path,
+                               "fine-tuning keeps the checkpoint's model shape: drop the flag")
+        mcfg = replace(theirs, dropout=chosen.get("dropout", theirs.dropout))
+    mcfg = replace(mcfg, vocab_size=0)
+    mcfg.validate(need_vocab=False)
+    tcfg = TrainConfig.from_dict(values)
+    notices = []
+    builtin = text is None and data_path is None and not os.path.exists("train.txt")
+    if builtin:
+        notices.append("no training text given and no train.txt here: training on the built-in "
+                       "sample text (a few KB)")
+        if "iters" not in chosen:
+            tcfg = replace(tcfg, iters=SAMPLE_ITERS, eval_interval=chosen.get(
+                "eval_interval", SAMPLE_ITERS // 8))
+            notices.append(f"the built-in sample is only a few KB: training {SAMPLE_ITERS} "
+                           "iterations (longer runs only memorise it)")
+    if out_dir is None and runs_dir is not None:
+        stem = "sample" if builtin else os.path.splitext(
+            os.path.basename(data_path or "train.txt"))[0]
+        tag = "finetune" if fine_tune is not None else preset or DEFAULT_PRESET
+        out_dir = os.path.join(runs_dir, f"{stem}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}")
+    text = _read(text, data_path)
+    return RunPlan(mcfg, tcfg, text, _sha256(text), data_path, out_dir, fine_tune=fine_tune,
+                   bpe_vocab_size=bpe_vocab_size, doc_separator=doc_separator,
+                   notices=tuple(notices))
+
+
+def _resume(chosen, ckpt, out_dir, *, preset, data_path, text, bpe_vocab_size,
+            doc_separator) -> RunPlan:
+    if not ckpt.resumable:
+        raise UserError(f"{ckpt.path} holds weights only (no optimizer or training state), so "
+                        "it cannot be resumed; use {field} PATH to start from it", "fine_tune")
+    theirs = {**ckpt.model_config.to_dict(), **ckpt.train_config.to_dict()}
+    _refuse_contradictions(preset, chosen, theirs, [k for k in theirs if k != "iters"],
+                           ckpt.path, "on resume the checkpoint's configuration is used: drop "
+                           "the flag, or start a new run (or fine-tune) to change it")
+    tcfg = replace(ckpt.train_config, iters=chosen.get("iters", ckpt.train_config.iters))
+    if ckpt.iter >= tcfg.iters:
+        raise UserError(f"{ckpt.path} is already at iteration {ckpt.iter}; {{field}} is the "
+                        f"total target, so pass {{field}} larger than {ckpt.iter} to train more",
+                        "iters")
+    data = ckpt.meta.data or DataInfo()
+    if doc_separator is None:               # resume keeps the run's documents
+        doc_separator = data.doc_separator
+    elif doc_separator != data.doc_separator:
+        raise UserError(f"{{field}} differs from {ckpt.path}'s ({data.doc_separator!r}); "
+                        "resume with the same documents", "doc_separator")
+    if text is None and data_path is None:
+        data_path = data.path
+    text = _read(text, data_path)
+    sha = _sha256(text)
+    if sha != data.sha256:
+        raise UserError(f"the training text is not the one {ckpt.path} was trained on; resume "
+                        "with the same {field}, or fine-tune to go on with new text", "data")
+    out_dir = out_dir or os.path.dirname(os.path.abspath(ckpt.path))
+    return RunPlan(ckpt.model_config, tcfg, text, sha, data_path, out_dir, resume=ckpt,
+                   doc_separator=doc_separator)
+
+
+def _checkpoint_to_resume(resume, out_dir) -> Checkpoint:
+    if isinstance(resume, Checkpoint):
+        return resume
+    if resume == "":
+        if out_dir is None:
+            raise UserError("{field} without a PATH continues the run in the run directory: "
+                            "give the run directory, or {field} PATH", "resume")
+        resume = os.path.join(out_dir, LATEST)
+        if not os.path.exists(resume):
+            raise UserError(f"{out_dir} holds no {LATEST} to resume; train without {{field}} "
+                            "to start a new run there", "resume")
+    return load_checkpoint(resume)
+
+
+def _refuse_contradictions(preset, chosen: dict, theirs: dict, fields, path, rule) -> None:
+    """Refuse explicit settings (and a preset's) that differ from the checkpoint's `fields`."""
+    typed = [("preset", preset, {k: v for k, v in PRESETS[preset].items() if k in fields})
+             ] if preset is not None else []
+    typed += [(k, v, {k: v}) for k, v in chosen.items() if k in fields]
+    conflicts = []
+    for field, value, settings in typed:
+        differ = [f"{k} {theirs[k]}" for k, v in settings.items() if v != theirs[k]]
+        if differ:
+            conflicts.append((field, value, differ))
+    if conflicts:
+        raise Contradiction(conflicts, path, rule)
+
+
+def _check_run_dir(out_dir: str, resume: Checkpoint | None) -> None:
+    """Never overwrite another run: a run directory with a checkpoint is only written to by a
+    resume of a checkpoint that lives in it. Leftover temp files of killed writers go."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{{field}} {out_dir} is a file, not a directory; choose another run "
+                        "directory", "out")
+    existing = [n for n in (LATEST, BEST) if os.path.exists(os.path.join(out_dir, n))]
+    if existing:
+        same = resume is not None and os.path.samefile(
+            os.path.dirname(os.path.abspath(resume.path)), out_dir)
+        if not same:
+            raise UserError(f"{out_dir} already holds a checkpoint ({existing[0]}); continue "
+                            "that run with {field}, or choose another run directory", "resume")
+    if os.path.isdir(out_dir):
+        remove_stale_temp_files(out_dir)
+
+
+def _read(text: str | None, data_path: str | None) -> str:
+    if text is not None:
+        return text
+    if data_path is not None:
+        return read_text(data_path)
+    if os.path.exists("train.txt"):
+        return read_text("train.txt")
+    return builtin_sample_text()
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
