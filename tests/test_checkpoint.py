@@ -284,8 +284,8 @@ def test_info_prints_config_size_iteration_loss_and_tokenizer(run_dir, capsys):
     s = json.loads(capsys.readouterr().out)
     assert s["file_size"] == os.path.getsize(path)
     assert s["num_params"] == count_parameters(c.model_config) == c.model.num_params
-    assert s["model_config"] == dict(vocab_size=c.tokenizer.vocab_size, block_size=16, n_layer=1,
-                                     n_embd=16, n_head=2, dropout=0.1)
+    assert s["model_config"] == dict(ModelConfig().to_dict(), vocab_size=c.tokenizer.vocab_size,
+                                     block_size=16, n_layer=1, n_embd=16, n_head=2, dropout=0.1)
     assert s["iter"] == 12 and s["optimizer_step"] == 12
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert s["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in rows), abs=1e-6)
