@@ -15,12 +15,14 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from randygpt.config import PRESETS, ModelConfig, TrainConfig  # noqa: E402
 from randygpt.data import load_documents, split_documents  # noqa: E402
 from randygpt.evaluate import evaluate_text  # noqa: E402
+from randygpt.runs import plan_run  # noqa: E402
 from randygpt.tokenizer import BPETokenizer, CharTokenizer  # noqa: E402
 from randygpt.train import train  # noqa: E402
 
@@ -39,9 +41,9 @@ def configs(preset: str, vocab_size: int, iters: int = 1):
 
 def step_seconds(mcfg, tcfg, text, bpe) -> float:
     """Seconds per training step of this shape, from a short train() run (the same code path)."""
-    tcfg.iters, tcfg.eval_interval, tcfg.eval_iters = 20, 20, 1
-    r = train(mcfg, tcfg, text=text, sample_tokens=0, progress=False, bpe_vocab_size=bpe,
-              log=lambda *_: None)
+    tcfg = replace(tcfg, iters=20, eval_interval=20, eval_iters=1)
+    r = train(plan_run(mcfg, tcfg, text=text, bpe_vocab_size=bpe), sample_tokens=0,
+              progress=False, log=lambda *_: None)
     return tcfg.batch_size * mcfg.block_size / r.history[-1]["tokens_per_sec"]
 
 
@@ -78,8 +80,8 @@ def main():
         iters = max(10, int(args.minutes * 60 / step))
         mcfg, tcfg = configs(args.preset, tok.vocab_size, iters)
         t0 = time.perf_counter()
-        r = train(mcfg, tcfg, text=text, sample_tokens=0, progress=False,
-                  bpe_vocab_size=bpe, **quiet)
+        r = train(plan_run(mcfg, tcfg, text=text, bpe_vocab_size=bpe), sample_tokens=0,
+                  progress=False, **quiet)
         wall = time.perf_counter() - t0
         ev = evaluate_text(r.model, r.tokenizer, held_out)
         seen = iters * tcfg.batch_size * mcfg.block_size

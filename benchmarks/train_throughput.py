@@ -18,12 +18,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import numpy as np  # noqa: E402
 
-from randygpt.config import PRESETS, ModelConfig  # noqa: E402
+from randygpt.config import PRESETS, ModelConfig, TrainConfig  # noqa: E402
 from randygpt.data import get_batch  # noqa: E402
 from randygpt.model import GPT  # noqa: E402
-from randygpt.optim import clip_grad_norm  # noqa: E402
+from randygpt.step import make_optimizer, train_step  # noqa: E402
 from randygpt.tokenizer import CharTokenizer  # noqa: E402
-from randygpt.train import training_ops  # noqa: E402
+from randygpt.train import training_backend  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                             "tinyshakespeare.txt")
@@ -35,10 +35,7 @@ def step_times(model, opt, tokens, batch, iters):
     for _ in range(iters):
         t0 = time.perf_counter()
         x, y = get_batch(tokens, batch, model.cfg.block_size, batch_rng)
-        model.forward(x, y, rng=drop_rng)
-        model.backward()
-        clip_grad_norm(model.grads.flat, 1.0)
-        opt.step(model.grads.flat, 1e-3)
+        train_step(model, opt, x, y, 1e-3, grad_clip=1.0, dropout_rng=drop_rng)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -58,10 +55,10 @@ def main():
     cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=p["block_size"], n_layer=p["n_layer"],
                       n_embd=p["n_embd"], n_head=p["n_head"], dropout=0.1)
     runs = {}
-    for name, reference in (("fused", False), ("reference", True)):
-        ops, Optimizer = training_ops(reference)
-        model = GPT(cfg, seed=0, ops=ops)
-        opt = Optimizer(model.params.flat, model.decay_mask())
+    for name in ("fused", "reference"):
+        backend = training_backend(name)
+        model = GPT(cfg, seed=0, backend=backend)
+        opt = make_optimizer(model, TrainConfig(), backend)
         step_times(model, opt, tokens, p["batch_size"], 3)          # warm-up (and compilation)
         runs[name] = (model, opt, [])
     for _ in range(args.iters):                                    # alternate, one step each

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from .checkpoint import (BEST, LATEST, Checkpoint, DataInfo, load_checkpoint,
                          remove_stale_temp_files)
@@ -36,7 +36,7 @@ SAMPLE_ITERS = 200
 class RunPlan:
     model: ModelConfig            # vocab_size 0: the tokenizer sets it
     train: TrainConfig
-    text: str
+    text: str = field(repr=False)
     text_sha256: str
     data_path: str | None         # the text's file (None: given as text, train.txt, built-in)
     out_dir: str | None           # None: nothing is written
@@ -85,27 +85,26 @@ def plan_run(*configs, preset: str | None = None, resume=None, fine_tune=None,
         raise UserError("{field} trains a new tokenizer, but "
                         f"{'resume' if resume is not None else 'fine-tuning'} keeps the "
                         "checkpoint's: drop {field}", "bpe")
-    given = dict(preset=preset, data_path=data_path, text=text, bpe_vocab_size=bpe_vocab_size,
-                 doc_separator=doc_separator)
     if resume is not None:
-        plan = _resume(chosen, _checkpoint_to_resume(resume, out_dir), out_dir, **given)
-    elif fine_tune is not None:
-        ckpt = fine_tune if isinstance(fine_tune, Checkpoint) else load_checkpoint(fine_tune)
-        plan = _fresh(chosen, out_dir, runs_dir, fine_tune=ckpt, **given)
+        plan = _resume(chosen, preset, _checkpoint_to_resume(resume, out_dir), text, data_path,
+                       out_dir, doc_separator)
     else:
-        plan = _fresh(chosen, out_dir, runs_dir, **given)
+        if fine_tune is not None and not isinstance(fine_tune, Checkpoint):
+            fine_tune = load_checkpoint(fine_tune)
+        plan = _fresh(chosen, preset, fine_tune, text, data_path, out_dir, runs_dir)
+        plan = replace(plan, bpe_vocab_size=bpe_vocab_size, doc_separator=doc_separator)
     plan.train.validate()
     if plan.out_dir is not None:
         _check_run_dir(plan.out_dir, plan.resume)
-    if cache_dir is None and plan.out_dir is not None:
-        cache_dir = os.path.join(os.path.dirname(os.path.normpath(plan.out_dir)), "token-cache")
+        if cache_dir is None:
+            cache_dir = os.path.join(os.path.dirname(os.path.normpath(plan.out_dir)),
+                                     "token-cache")
     return replace(plan, cache_dir=cache_dir)
 
 
-def _fresh(chosen, out_dir, runs_dir, *, preset, data_path, text, bpe_vocab_size,
-           doc_separator, fine_tune=None) -> RunPlan:
+def _fresh(chosen, preset, fine_tune, text, data_path, out_dir, runs_dir) -> RunPlan:
     values = {**PRESETS[preset or DEFAULT_PRESET], **chosen}
-    mcfg = ModelConfig.from_dict(values)
+    mcfg, tcfg = ModelConfig.from_dict(values), TrainConfig.from_dict(values)
     if fine_tune is not None:               # the checkpoint's shape; dropout may change
         theirs = fine_tune.model_config
         _refuse_contradictions(preset, chosen, theirs.to_dict(), SHAPE, fine_tune.path,
@@ -113,17 +112,16 @@ def _fresh(chosen, out_dir, runs_dir, *, preset, data_path, text, bpe_vocab_size
         mcfg = replace(theirs, dropout=chosen.get("dropout", theirs.dropout))
     mcfg = replace(mcfg, vocab_size=0)
     mcfg.validate(need_vocab=False)
-    tcfg = TrainConfig.from_dict(values)
     notices = []
     builtin = text is None and data_path is None and not os.path.exists("train.txt")
     if builtin:
         notices.append("no training text given and no train.txt here: training on the built-in "
                        "sample text (a few KB)")
-        if "iters" not in chosen:
-            tcfg = replace(tcfg, iters=SAMPLE_ITERS, eval_interval=chosen.get(
-                "eval_interval", SAMPLE_ITERS // 8))
-            notices.append(f"the built-in sample is only a few KB: training {SAMPLE_ITERS} "
-                           "iterations (longer runs only memorise it)")
+    if builtin and fine_tune is None and "iters" not in chosen:
+        tcfg = replace(tcfg, iters=SAMPLE_ITERS,
+                       eval_interval=chosen.get("eval_interval", SAMPLE_ITERS // 8))
+        notices.append(f"the built-in sample is only a few KB: training {SAMPLE_ITERS} "
+                       "iterations (longer runs only memorise it)")
     if out_dir is None and runs_dir is not None:
         stem = "sample" if builtin else os.path.splitext(
             os.path.basename(data_path or "train.txt"))[0]
@@ -131,12 +129,10 @@ def _fresh(chosen, out_dir, runs_dir, *, preset, data_path, text, bpe_vocab_size
         out_dir = os.path.join(runs_dir, f"{stem}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}")
     text = _read(text, data_path)
     return RunPlan(mcfg, tcfg, text, _sha256(text), data_path, out_dir, fine_tune=fine_tune,
-                   bpe_vocab_size=bpe_vocab_size, doc_separator=doc_separator,
                    notices=tuple(notices))
 
 
-def _resume(chosen, ckpt, out_dir, *, preset, data_path, text, bpe_vocab_size,
-            doc_separator) -> RunPlan:
+def _resume(chosen, preset, ckpt, text, data_path, out_dir, doc_separator) -> RunPlan:
     if not ckpt.resumable:
         raise UserError(f"{ckpt.path} holds weights only (no optimizer or training state), so "
                         "it cannot be resumed; use {field} PATH to start from it", "fine_tune")

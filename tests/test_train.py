@@ -54,3 +54,41 @@ def test_batches_are_shifted_windows():
     np.testing.assert_array_equal(y[:, :-1], x[:, 1:])
     np.testing.assert_array_equal(x[:, 1:] - x[:, :-1], 1)       # contiguous windows
     assert x.max() < 900 and y.max() < 900
+
+
+def test_train_step_is_forward_backward_hook_clip_update():
+    from randygpt.model import GPT
+    from randygpt.optim import clip_grad_norm
+    from randygpt.step import make_optimizer, train_step
+    cfg = ModelConfig(vocab_size=11, block_size=8, n_layer=1, n_embd=16, n_head=2, dropout=0.1)
+    x, y = get_batch(np.arange(200, dtype=np.int32) % 11, 4, 8, np.random.default_rng(0))
+    a, b = GPT(cfg, seed=1), GPT(cfg, seed=1)
+    opt_a, opt_b = (make_optimizer(m, TrainConfig(), m.backend) for m in (a, b))
+    seen = []
+    r = train_step(a, opt_a, x, y, 1e-2, grad_clip=0.5, dropout_rng=np.random.default_rng(2),
+                   grad_hook=lambda g: seen.append(g.copy()))
+    _, loss = b.forward(x, y, rng=np.random.default_rng(2))           # the same, by hand
+    b.backward()
+    np.testing.assert_array_equal(seen[0], b.grads.flat)              # the hook: before clip
+    norm = clip_grad_norm(b.grads.flat, 0.5)
+    opt_b.step(b.grads.flat, 1e-2)
+    assert (r.loss, r.grad_norm) == (loss, norm) and norm > 0.5
+    np.testing.assert_array_equal(a.params.flat, b.params.flat)
+
+    def refuse(loss):                        # a rejected loss never reaches the weights
+        raise ValueError(loss)
+    before = a.params.flat.copy()
+    with np.testing.assert_raises(ValueError):
+        train_step(a, opt_a, x, y, 1e-2, grad_clip=0.5, dropout_rng=np.random.default_rng(3),
+                   check_loss=refuse)
+    np.testing.assert_array_equal(a.params.flat, before)
+    assert opt_a.step_count == 1
+
+
+def test_plan_run_layers_preset_then_explicit_settings_and_copies_nothing_back():
+    m, t = tiny()
+    plan = plan_run({"n_layer": 3, "lr": 0.5}, preset="tiny", text=TEXT)
+    assert (plan.model.n_layer, plan.model.n_embd, plan.train.lr) == (3, 64, 0.5)
+    plan = plan_run(m, t, {"seed": 8}, text=TEXT)
+    assert plan.model == m and plan.train.seed == 8 and t.seed == 3
+    assert plan.out_dir is None and plan.cache_dir is None and plan.notices == ()
