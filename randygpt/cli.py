@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from .config import DEFAULT_PRESET, PRESETS, ModelConfig, TrainConfig, flag_fields, flag_name
+from .config import DEFAULT_PRESET, PRESETS, ModelConfig, TrainConfig, flag_fields
 from .errors import UserError
 
 
@@ -69,8 +69,8 @@ def _add_train(sub) -> None:
             kind = {"int": _positive_int if f.metadata["positive"] else int,
                     "float": _nonneg_float}[f.type]
             default = "the preset's" if f.metadata["preset"] else f.default
-            group.add_argument(flag_name(f), dest=f.name, type=kind, default=argparse.SUPPRESS,
-                               metavar=flag_name(f)[2:].upper().replace("-", "_"),
+            group.add_argument(_flag(f), dest=f.name, type=kind, default=argparse.SUPPRESS,
+                               metavar=_flag(f)[2:].upper().replace("-", "_"),
                                help=f"{f.metadata['help']} (default {default})")
     e = t.add_argument_group("output")
     e.add_argument("--sample-tokens", type=int, default=300,
@@ -96,11 +96,15 @@ def _add_train(sub) -> None:
 _CONFIG_FLAGS = {f.name: f for cls in (ModelConfig, TrainConfig) for f in flag_fields(cls)}
 
 
+def _flag(f) -> str:
+    return "--" + (f.metadata["flag"] or f.name.replace("_", "-"))
+
+
 def flag_of(field: str) -> str:
     """How the CLI spells a library field: its flag (n_embd -> --dim), else --field-name; a
     config field that is no flag (norm) stays its name."""
     if field in _CONFIG_FLAGS:
-        return flag_name(_CONFIG_FLAGS[field])
+        return _flag(_CONFIG_FLAGS[field])
     if field in ModelConfig.__dataclass_fields__ or field in TrainConfig.__dataclass_fields__:
         return field
     return "--" + field.replace("_", "-")

@@ -33,10 +33,6 @@ def flag_fields(cls) -> list:
     return [f for f in fields(cls) if "help" in f.metadata]
 
 
-def flag_name(f) -> str:
-    return "--" + (f.metadata["flag"] or f.name.replace("_", "-"))
-
-
 class _Config:
     def to_dict(self) -> dict:
         return asdict(self)
