@@ -274,16 +274,17 @@ class GPT:
         if (pos >= self.cfg.block_size).any():
             raise ValueError(f"a KV cache is full ({self.cfg.block_size} positions): slide "
                              "the window by prefilling its most recent tokens again")
-        # the embedding of one position per stream: wte[token] + wpe[position]
-        x = (self.params["wte"][tokens] + self.params["wpe"][pos])[:, None, :]  # (S, 1, C)
+        # the embedding of one position per stream: wte[token] + wpe[position]. Rows are
+        # streams: (S, C) runs the same per-position ops as (B, T, C), as 2-D products.
+        x = self.params["wte"][tokens] + self.params["wpe"][pos]              # (S, C)
         view = cache.decode_view(streams, pos)
         for i in range(self.cfg.n_layer):
             x, _ = self.block_forward(x, i, kv=view)
         cache.lengths[streams] = pos + 1
-        return self.head_forward(x)[:, 0]                                      # (S, V)
+        return self.head_forward(x)                                            # (S, V)
 
     def head_forward(self, x):
-        """x (B, T, C) -> logits (B, T, V): the final norm and the LM head."""
+        """x (..., C) -> logits (..., V): the final norm and the LM head."""
         xf, _ = self.norm_forward(x, "ln_f")
         return self.linear_forward(xf, "lm_head")[0]
 
@@ -340,14 +341,18 @@ class _DecodeAttention:
         contiguous = S and (streams == np.arange(streams[0], streams[0] + S)).all()
         self.streams = slice(int(streams[0]), int(streams[0]) + S) if contiguous else streams
         self.rows = np.arange(S)
+        self.n_seen = int(positions.max()) + 1 if S else 0
 
     def attend(self, ops, layer, qkv):
-        q, k, v = self.cache._split(qkv)                                       # (S, H, 1, hs)
+        S, C3 = qkv.shape                                                      # (S, 3C)
+        C, H = C3 // 3, self.cache.n_head
+        q, k, v = (qkv[:, i * C:(i + 1) * C].reshape(S, H, -1) for i in range(3))  # (S, H, hs)
         keys, values = self.cache.k[layer, self.streams], self.cache.v[layer, self.streams]
-        keys[self.rows, :, self.positions] = k[:, :, 0]
-        values[self.rows, :, self.positions] = v[:, :, 0]
+        keys[self.rows, :, self.positions] = k
+        values[self.rows, :, self.positions] = v
         if not isinstance(self.streams, slice):          # fancy indexing copied: write back
             self.cache.k[layer, self.streams] = keys
             self.cache.v[layer, self.streams] = values
-        y = ops.kv_attention_forward(q[:, :, 0], keys, values, self.positions + 1)  # (S, C)
-        return y[:, None, :]                                                   # (S, 1, C)
+        n = self.n_seen                                  # no stream sees past this position
+        return ops.kv_attention_forward(q, keys[:, :, :n], values[:, :, :n],
+                                        self.positions + 1)                    # (S, C)
