@@ -21,9 +21,9 @@ import numpy as np  # noqa: E402
 from randygpt.config import PRESETS, ModelConfig, TrainConfig  # noqa: E402
 from randygpt.data import get_batch  # noqa: E402
 from randygpt.model import GPT  # noqa: E402
+from randygpt.ops.contract import get_backend  # noqa: E402
 from randygpt.step import make_optimizer, train_step  # noqa: E402
 from randygpt.tokenizer import CharTokenizer  # noqa: E402
-from randygpt.train import training_backend  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                             "tinyshakespeare.txt")
@@ -56,7 +56,7 @@ def main():
                       n_embd=p["n_embd"], n_head=p["n_head"], dropout=0.1)
     runs = {}
     for name in ("fused", "reference"):
-        backend = training_backend(name)
+        backend = get_backend(name)
         model = GPT(cfg, seed=0, backend=backend)
         opt = make_optimizer(model, TrainConfig(), backend)
         step_times(model, opt, tokens, p["batch_size"], 3)          # warm-up (and compilation)

@@ -88,16 +88,6 @@ def estimate_loss(model: GPT, tokens, tcfg, seed: int) -> float:
     return total / count
 
 
-def training_backend(backend="fused"):
-    """The ops backend to train on (a name or a Backend). numba loads only for the fused one,
-    so generation never pays its start-up."""
-    backend = get_backend(backend)
-    if backend.name == "fused":
-        from . import threads
-        threads.keep_freed_memory()
-    return backend
-
-
 def prepare(plan: RunPlan, backend="fused", progress: bool | None = None,
             log=print) -> PreparedRun:
     """Tokenizer, data, model and optimizer of the plan, restored from its checkpoint."""
@@ -126,7 +116,7 @@ def prepare(plan: RunPlan, backend="fused", progress: bool | None = None,
                     val_tokens=len(split.val))
 
     init_rng, batch_rng, dropout_rng = rng_streams(tcfg.seed)
-    backend = training_backend(backend)
+    backend = get_backend(backend)       # numba loads only for the fused backend
     model = GPT(mcfg, seed=None, backend=backend)
     model.init_weights(init_rng)
     run = PreparedRun(plan, tokenizer, split, data, model, make_optimizer(model, tcfg, backend),
