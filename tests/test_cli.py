@@ -23,8 +23,13 @@ def test_help_explains_every_train_flag():
     assert r.returncode == 0
     for flag in ("--data", "--iters", "--preset", "--out", "--seed", "--layers", "--dim",
                  "--heads", "--block", "--batch", "--lr", "--min-lr", "--warmup", "--dropout",
-                 "--weight-decay", "--grad-clip", "--eval-interval", "--eval-iters"):
+                 "--weight-decay", "--grad-clip", "--eval-interval", "--eval-iters", "--beta1",
+                 "--beta2", "--backend"):
         assert flag in r.stdout, flag
+    help_text = " ".join(r.stdout.split())      # each default said once, never "None"
+    assert "None" not in help_text and "dropout probability (default 0.1)" in help_text
+    assert "(default 0.1) (default" not in help_text
+    assert "peak learning rate (default 0.001)" in help_text
     top = run(["--help"])
     assert top.returncode == 0 and "train" in top.stdout
 
@@ -89,6 +94,9 @@ def test_too_many_distinct_characters_suggests_bpe(tmp_path):
     (["--iters", "ten"], "not a whole number"),
     (["--dim", "30", "--heads", "4"], "divisible"),
     (["--dropout", "1.5"], "dropout"),
+    (["--beta1", "1.5"], "--beta1 1.5 must be in [0, 1)"),       # library errors name the flag
+    (["--min-lr", "0.5"], "--min-lr 0.5 must lie between 0 and the peak learning rate"),
+    (["--backend", "gpu"], "invalid choice"),
     (["--no-such-flag"], "unrecognized"),
 ])
 def test_bad_flags(args, fragment):
