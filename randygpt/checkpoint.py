@@ -77,15 +77,14 @@ class CheckpointMeta:
     @classmethod
     def from_json(cls, info: dict) -> "CheckpointMeta":
         meta = cls(**{k: info[k] for k in _META_FIELDS if info.get(k) is not None})
-        if meta.train_config is not None:
-            meta.train_config = TrainConfig.from_dict(meta.train_config)
-        if meta.data is not None:
-            meta.data = DataInfo(**{k: v for k, v in meta.data.items()
-                                    if k in DataInfo.__dataclass_fields__})
-        meta.iter = int(meta.iter)
-        return meta
+        tc, data = meta.train_config, meta.data
+        return replace(meta, iter=int(meta.iter),
+                       train_config=TrainConfig.from_dict(tc) if tc is not None else None,
+                       data=DataInfo(**{k: v for k, v in data.items() if k in _DATA_FIELDS})
+                       if data is not None else None)
 
 
+_DATA_FIELDS = tuple(DataInfo.__dataclass_fields__)
 _META_FIELDS = tuple(CheckpointMeta.__dataclass_fields__)
 
 

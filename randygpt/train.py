@@ -208,10 +208,11 @@ class Reporter:
             if self.run.plan.resume is not None:
                 _trim_metrics(path, self.done)    # rows a killed run wrote past its checkpoint
             self.metrics = open(path, "a", encoding="utf-8")
+        self.bar = _progress_bar(self.run.plan.train.iters, self.progress, initial=self.done)
+        # handlers last: a failure above must not leave them installed
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._previous[s] = signal.signal(s, self._handle)
-        self.bar = _progress_bar(self.run.plan.train.iters, self.progress, initial=self.done)
         return self
 
     def _handle(self, signum, frame):
