@@ -460,13 +460,12 @@ def _unescape(s: str) -> str:
 
 
 def cmd_generate(args) -> int:
-    from .sample import SamplingConfig, stream_text
+    from .sample import SamplingConfig
+    from .session import generate
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     sampling.validate()
-    if args.max_tokens < 1:
-        raise UserError(f"--max-tokens {args.max_tokens} must be at least 1")
     if args.num_samples < 1:
-        raise UserError(f"--num-samples {args.num_samples} must be at least 1")
+        raise UserError("{field} %d must be at least 1" % args.num_samples, "num_samples")
     stops = [_unescape(s) for s in args.stop]
     prompt = args.prompt
     if args.prompt_file is not None:
@@ -486,14 +485,14 @@ def cmd_generate(args) -> int:
     out = sys.stdout
     try:
         for i in range(args.num_samples):
-            pieces = stream_text(ckpt.model, ckpt.tokenizer, prompt, args.max_tokens, sampling,
-                                 stops, rng)           # validates the prompt before any output
+            events = generate(ckpt.model, ckpt.tokenizer, prompt, args.max_tokens, sampling,
+                              stops, rng)           # validates the prompt before any output
             if i:
                 out.write("---\n")
             if args.echo:
                 out.write(prompt)
-            for piece in pieces:
-                out.write(piece)
+            for event in events:
+                out.write(event.text)
                 out.flush()
             out.write("\n")
             out.flush()
@@ -533,7 +532,8 @@ def main(argv=None) -> int:
     try:
         return handlers[args.command](args)
     except UserError as e:
-        print(f"randygpt {args.command}: error: {e}", file=sys.stderr)
+        print(f"randygpt {args.command}: error: "
+              f"{e.render(lambda f: '--' + f.replace('_', '-'))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"randygpt {args.command}: interrupted", file=sys.stderr)

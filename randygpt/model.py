@@ -1,39 +1,44 @@
-"""The GPT model: parameters in one flat buffer, a forward pass and its exact backward.
+"""The GPT model, defined once: parameters in one flat buffer, one block forward, its backward.
 
     x = wte[idx] + wpe[:T]                                   # (B, T, C)
     for each block:
-        x = x + dropout(attn_proj(attention(qkv(rmsnorm(x)))))
-        x = x + dropout(mlp_proj(relu(fc(rmsnorm(x)))^2))
-    logits = lm_head(rmsnorm(x))                             # (B, T, V)
+        x = x + dropout(attn_proj(attention(qkv(norm(x)))))
+        x = x + dropout(mlp_proj(act(fc(norm(x)))))          # act: relu(.)^2 today
+    logits = lm_head(norm(x))                                # (B, T, V)
 
-The model composes the layer functions of an ops module (the readable reference by default);
-`backward` calls their backward twins in exactly the reverse order of `forward`.
+The ModelConfig says which norm and activation (by op name) the blocks use; the model
+composes the ops of one backend (ops/contract.py) and knows no arithmetic of its own.
+`block_forward` is the only description of a block: training runs it with dropout and keeps
+its caches for `block_backward` (which calls the backward twins in exactly the reverse
+order); generation runs the same function with a KV cache, over a whole prompt (`prefill`)
+or one new position per stream (`decode`).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from .config import ModelConfig
-from .ops import reference
+from .ops.contract import get_backend
+
+NORM_PARAMS = {"rmsnorm": ("g",)}     # a norm's parameters, by name, each of shape (C,)
 
 
 def parameter_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     """Every parameter tensor, in the order it sits in the flat buffer."""
     C, V = cfg.n_embd, cfg.vocab_size
+
+    def norm(name):
+        return [(f"{name}.{k}", (C,)) for k in NORM_PARAMS[cfg.norm]]
+
     shapes = [("wte", (V, C)), ("wpe", (cfg.block_size, C))]
     for i in range(cfg.n_layer):
-        shapes += [
-            (f"h.{i}.ln1.g", (C,)),
-            (f"h.{i}.attn.qkv", (C, 3 * C)),
-            (f"h.{i}.attn.proj", (C, C)),
-            (f"h.{i}.ln2.g", (C,)),
-            (f"h.{i}.mlp.fc", (C, 4 * C)),
-            (f"h.{i}.mlp.proj", (4 * C, C)),
-        ]
-    shapes += [("ln_f.g", (C,)), ("lm_head", (C, V))]
-    return shapes
+        h = f"h.{i}."
+        shapes += [*norm(h + "ln1"), (h + "attn.qkv", (C, 3 * C)), (h + "attn.proj", (C, C)),
+                   *norm(h + "ln2"), (h + "mlp.fc", (C, 4 * C)), (h + "mlp.proj", (4 * C, C))]
+    return shapes + [*norm("ln_f"), ("lm_head", (C, V))]
 
 
 def count_parameters(cfg: ModelConfig) -> int:
@@ -43,15 +48,14 @@ def count_parameters(cfg: ModelConfig) -> int:
 class FlatTensors:
     """One contiguous 1-D buffer with a named, shaped view onto each tensor in it."""
 
-    def __init__(self, shapes, dtype, xp=np):
+    def __init__(self, shapes, dtype):
         self.shapes = list(shapes)
         self.offsets = {}
         n = 0
         for name, shape in self.shapes:
-            size = math.prod(shape)
-            self.offsets[name] = (n, n + size)
-            n += size
-        self.flat = xp.zeros(n, dtype=dtype)
+            self.offsets[name] = (n, n + math.prod(shape))
+            n += math.prod(shape)
+        self.flat = np.zeros(n, dtype=dtype)
         self.views = {name: self.flat[a:b].reshape(shape)
                       for (name, shape), (a, b) in zip(self.shapes, self.offsets.values())}
 
@@ -62,18 +66,40 @@ class FlatTensors:
         return [name for name, _ in self.shapes]
 
 
+@dataclass
+class BlockCache:
+    """What block_backward needs of one block_forward, one op cache per layer of the block."""
+    ln1: object = None
+    qkv: object = None
+    attention: object = None
+    attn_proj: object = None
+    attn_dropout: object = None
+    ln2: object = None
+    fc: object = None
+    act: object = None
+    mlp_proj: object = None
+    mlp_dropout: object = None
+
+
 class GPT:
-    def __init__(self, cfg: ModelConfig, seed: int | None = 0, dtype=np.float32, ops=reference):
+    def __init__(self, cfg: ModelConfig, seed: int | None = 0, dtype=np.float32,
+                 backend="reference"):
         cfg.validate()
         self.cfg = cfg
         self.dtype = np.dtype(dtype)
-        self.ops = ops
-        shapes = parameter_shapes(cfg)
-        self.params = FlatTensors(shapes, self.dtype)
-        self.grads = FlatTensors(shapes, self.dtype)
+        self.backend = get_backend(backend)
+        self.ops = self.backend.ops
+        self.params = FlatTensors(parameter_shapes(cfg), self.dtype)
+        self._grads = None                   # allocated by the first backward (training only)
         self._cache = None
         if seed is not None:
             self.init_weights(np.random.default_rng(seed))
+
+    @property
+    def grads(self) -> FlatTensors:
+        if self._grads is None:
+            self._grads = FlatTensors(self.params.shapes, self.dtype)
+        return self._grads
 
     @property
     def num_params(self) -> int:
@@ -101,30 +127,118 @@ class GPT:
         return mask
 
     # ----------------------------------------------------------------------------------------
+    # The layers of the description, each a forward with its backward beside it. A layer's
+    # backward writes its parameter gradients into self.grads and returns the input gradient.
+
+    def norm_forward(self, x, name):
+        p = [self.params[f"{name}.{k}"] for k in NORM_PARAMS[self.cfg.norm]]
+        return getattr(self.ops, self.cfg.norm + "_forward")(x, *p, self.cfg.norm_eps)
+
+    def norm_backward(self, dout, cache, name):
+        dx, *dp = getattr(self.ops, self.cfg.norm + "_backward")(dout, cache)
+        for k, d in zip(NORM_PARAMS[self.cfg.norm], dp):
+            self.grads[f"{name}.{k}"][...] = d
+        return dx
+
+    def linear_forward(self, x, name):
+        return self.ops.linear_forward(x, self.params[name])
+
+    def linear_backward(self, dout, cache, name):
+        dx, self.grads[name][...] = self.ops.linear_backward(dout, cache)
+        return dx
+
+    def act_forward(self, x):
+        return getattr(self.ops, self.cfg.activation + "_forward")(x)
+
+    def act_backward(self, dout, cache):
+        return getattr(self.ops, self.cfg.activation + "_backward")(dout, cache)[0]
+
+    # ----------------------------------------------------------------------------------------
+    def block_forward(self, x, i, drop=0.0, rng=None, kv=None):
+        """x (B, T, C) -> block i's output (B, T, C), and its BlockCache. `kv`: generation's
+        attention over a KV cache (KVCache.prefill_view / decode_view) instead of training's."""
+        ops, h, c = self.ops, f"h.{i}.", BlockCache()
+        # attention half: x1 = x + dropout(proj(attention(qkv(norm(x)))))
+        xn1, c.ln1 = self.norm_forward(x, h + "ln1")                           # (B, T, C)
+        qkv, c.qkv = self.linear_forward(xn1, h + "attn.qkv")                  # (B, T, 3C)
+        if kv is None:
+            y, c.attention = ops.attention_forward(qkv, self.cfg.n_head)       # (B, T, C)
+        else:
+            y = kv.attend(ops, i, qkv)
+        a, c.attn_proj = self.linear_forward(y, h + "attn.proj")               # (B, T, C)
+        x1, c.attn_dropout = ops.residual_dropout_forward(x, a, drop, rng)     # x + dropout(a)
+        # MLP half: x2 = x1 + dropout(proj(act(fc(norm(x1)))))
+        xn2, c.ln2 = self.norm_forward(x1, h + "ln2")                          # (B, T, C)
+        hid, c.fc = self.linear_forward(xn2, h + "mlp.fc")                     # (B, T, 4C)
+        act, c.act = self.act_forward(hid)                                     # (B, T, 4C)
+        m, c.mlp_proj = self.linear_forward(act, h + "mlp.proj")               # (B, T, C)
+        x2, c.mlp_dropout = ops.residual_dropout_forward(x1, m, drop, rng)     # x1 + dropout(m)
+        return x2, c
+
+    def block_backward(self, dx2, i, c: BlockCache):
+        ops, h = self.ops, f"h.{i}."
+        # MLP half, in reverse (`del`: each gradient is freed once used, which keeps backward's
+        # peak memory ~7% lower on the 256-dim config: big (B, T, 4C) arrays never pile up)
+        dx1, dm = ops.residual_dropout_backward(dx2, c.mlp_dropout)
+        dact = self.linear_backward(dm, c.mlp_proj, h + "mlp.proj")
+        del dm
+        dhid = self.act_backward(dact, c.act)
+        del dact
+        dxn2 = self.linear_backward(dhid, c.fc, h + "mlp.fc")
+        del dhid
+        dx1_ln = self.norm_backward(dxn2, c.ln2, h + "ln2")
+        del dxn2
+        dx1 = dx1 + dx1_ln                     # x1 feeds both the residual and the norm
+        del dx1_ln
+        # attention half, in reverse
+        dx, da = ops.residual_dropout_backward(dx1, c.attn_dropout)
+        dy = self.linear_backward(da, c.attn_proj, h + "attn.proj")
+        del da
+        dqkv, = ops.attention_backward(dy, c.attention)
+        del dy
+        dxn1 = self.linear_backward(dqkv, c.qkv, h + "attn.qkv")
+        del dqkv
+        return dx + self.norm_backward(dxn1, c.ln1, h + "ln1")
+
+    # ----------------------------------------------------------------------------------------
     def forward(self, idx, targets=None, rng=None):
         """idx (B, T) ints -> logits (B, T, V), and the mean loss when targets are given.
 
         `rng` drives dropout; None means evaluation (no dropout). The activations needed by
         `backward` are kept only when targets are given.
         """
-        ops, p, cfg = self.ops, self.params, self.cfg
-        B, T = idx.shape
-        if T > cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
+        cfg, ops = self.cfg, self.ops
+        if idx.shape[1] > cfg.block_size:
+            raise ValueError(f"sequence length {idx.shape[1]} exceeds block_size "
+                             f"{cfg.block_size}")
         drop = cfg.dropout if rng is not None else 0.0
-        x = ops.embedding_forward(p["wte"], p["wpe"], idx)                    # (B, T, C)
+        x, emb = ops.embedding_forward(self.params["wte"], self.params["wpe"], idx)  # (B,T,C)
         blocks = []
         for i in range(cfg.n_layer):
-            x, cache = self._block_forward(x, i, drop, rng)
+            x, cache = self.block_forward(x, i, drop, rng)
             blocks.append(cache)
-        xf, lnf_cache = ops.rmsnorm_forward(x, p["ln_f.g"])                   # (B, T, C)
-        logits = ops.linear_forward(xf, p["lm_head"])                         # (B, T, V)
+        xf, lnf = self.norm_forward(x, "ln_f")                                 # (B, T, C)
+        logits, head = self.linear_forward(xf, "lm_head")                      # (B, T, V)
         if targets is None:
             self._cache = None
             return logits, None
-        loss, ce_cache = ops.cross_entropy_forward(logits, targets)
-        self._cache = (idx, blocks, xf, lnf_cache, ce_cache, logits.shape)
+        loss, ce = ops.cross_entropy_forward(logits, targets)
+        self._cache = (emb, blocks, lnf, head, ce)
         return logits, float(loss)
+
+    def backward(self):
+        """Gradient of the last forward's mean loss w.r.t. every parameter, into self.grads."""
+        if self._cache is None:
+            raise RuntimeError("backward() needs a forward() with targets first")
+        emb, blocks, lnf, head, ce = self._cache
+        g = self.grads
+        dlogits, = self.ops.cross_entropy_backward(1.0, ce)                    # (B, T, V)
+        dxf = self.linear_backward(dlogits, head, "lm_head")
+        dx = self.norm_backward(dxf, lnf, "ln_f")
+        for i in reversed(range(self.cfg.n_layer)):
+            dx = self.block_backward(dx, i, blocks[i])
+        _, g["wte"][...], g["wpe"][...] = self.ops.embedding_backward(dx, emb)
+        self._cache = None
 
     def loss(self, idx, targets) -> float:
         """Mean loss without dropout and without keeping activations (evaluation)."""
@@ -132,155 +246,113 @@ class GPT:
         self._cache = None
         return loss
 
-    def backward(self):
-        """Gradient of the last forward's mean loss w.r.t. every parameter, into self.grads."""
-        if self._cache is None:
-            raise RuntimeError("backward() needs a forward() with targets first")
-        ops, p, g, cfg = self.ops, self.params, self.grads, self.cfg
-        idx, blocks, xf, lnf_cache, ce_cache, logits_shape = self._cache
-        dlogits = ops.cross_entropy_backward(ce_cache, logits_shape)          # (B, T, V)
-        dxf, g["lm_head"][...] = ops.linear_backward(dlogits, xf, p["lm_head"])
-        dx, g["ln_f.g"][...] = ops.rmsnorm_backward(dxf, p["ln_f.g"], lnf_cache)
-        for i in reversed(range(cfg.n_layer)):
-            dx = self._block_backward(dx, i, blocks[i])
-        g["wte"][...], g["wpe"][...] = ops.embedding_backward(
-            dx, idx, cfg.vocab_size, cfg.block_size)
-        self._cache = None
-
     # ----------------------------------------------------------------------------------------
-    def _block_forward(self, x, i, drop, rng):
-        ops, p, H = self.ops, self.params, self.cfg.n_head
-        pre = f"h.{i}."
-        # attention half: x1 = x + dropout(proj(attention(qkv(rmsnorm(x)))))
-        xn1, ln1 = ops.rmsnorm_forward(x, p[pre + "ln1.g"])                   # (B, T, C)
-        qkv = ops.linear_forward(xn1, p[pre + "attn.qkv"])                    # (B, T, 3C)
-        y, att = ops.attention_forward(qkv, H)                                # (B, T, C)
-        a = ops.linear_forward(y, p[pre + "attn.proj"])                       # (B, T, C)
-        x1, mask1 = ops.residual_dropout_forward(x, a, drop, rng)             # x + dropout(a)
-        # MLP half: x2 = x1 + dropout(proj(relu(fc(rmsnorm(x1)))^2))
-        xn2, ln2 = ops.rmsnorm_forward(x1, p[pre + "ln2.g"])                  # (B, T, C)
-        h = ops.linear_forward(xn2, p[pre + "mlp.fc"])                        # (B, T, 4C)
-        hr, relu = ops.squared_relu_forward(h)                                # (B, T, 4C)
-        m = ops.linear_forward(hr, p[pre + "mlp.proj"])                       # (B, T, C)
-        x2, mask2 = ops.residual_dropout_forward(x1, m, drop, rng)            # x1 + dropout(m)
-        return x2, (xn1, ln1, qkv, y, att, mask1, xn2, ln2, hr, relu, mask2)
+    # Generation: the same blocks, with keys and values kept in a KVCache. Positions are
+    # absolute (wpe), so a stream's cache holds positions 0..block_size-1 of one window; the
+    # caller slides the window by prefilling again (see session.py).
 
-    def _block_backward(self, dx2, i, cache):
-        ops, p, g = self.ops, self.params, self.grads
-        pre = f"h.{i}."
-        xn1, ln1, qkv, y, att, mask1, xn2, ln2, hr, relu, mask2 = cache
-        # MLP half, in reverse (`del`: each gradient is freed once used, which keeps backward's
-        # peak memory ~7% lower on the 256-dim config: big (B, T, 4C) arrays never pile up)
-        dx1, dm = ops.residual_dropout_backward(dx2, mask2)
-        dhr, g[pre + "mlp.proj"][...] = ops.linear_backward(dm, hr, p[pre + "mlp.proj"])
-        del dm
-        dh = ops.squared_relu_backward(dhr, relu)
-        del dhr
-        dxn2, g[pre + "mlp.fc"][...] = ops.linear_backward(dh, xn2, p[pre + "mlp.fc"])
-        del dh
-        dx1_ln, g[pre + "ln2.g"][...] = ops.rmsnorm_backward(dxn2, p[pre + "ln2.g"], ln2)
-        del dxn2
-        dx1 = dx1 + dx1_ln
-        del dx1_ln
-        # attention half, in reverse
-        dx, da = ops.residual_dropout_backward(dx1, mask1)
-        dy, g[pre + "attn.proj"][...] = ops.linear_backward(da, y, p[pre + "attn.proj"])
-        del da
-        dqkv = ops.attention_backward(dy, att)
-        del dy
-        dxn1, g[pre + "attn.qkv"][...] = ops.linear_backward(dqkv, xn1, p[pre + "attn.qkv"])
-        del dqkv
-        dx_ln, g[pre + "ln1.g"][...] = ops.rmsnorm_backward(dxn1, p[pre + "ln1.g"], ln1)
-        return dx + dx_ln
-
-    # ----------------------------------------------------------------------------------------
-    # Generation with a KV cache: `prefill` runs a prompt once and keeps every layer's keys and
-    # values; each `decode_step` then costs one position's work per layer. Positions are
-    # absolute (wpe), so a cache only ever holds positions 0..block_size-1 of one window; the
-    # caller slides the window by prefilling again (see sample.Decoder).
-
-    def new_kv_cache(self) -> "KVCache":
-        """An empty cache for this model's current weights (make a new one if they change)."""
-        return KVCache(self)
-
-    def prefill(self, ids, cache: "KVCache"):
-        """ids (T,) at positions 0..T-1 -> logits (T, V); the cache restarts and holds T
-        positions. The same ops as `forward`, so the logits are forward's for this window."""
-        ops, p, cfg = self.ops, self.params, self.cfg
+    def prefill(self, ids, cache: "KVCache", stream: int = 0):
+        """ids (T,) at positions 0..T-1 of `stream` -> logits (T, V); that stream's cache
+        restarts and holds T positions. Attention is training's, so the logits are forward's
+        for this window."""
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)                  # (1, T)
-        T, C, H = ids.shape[1], cfg.n_embd, cfg.n_head
-        if not 1 <= T <= cfg.block_size:
-            raise ValueError(f"prefill needs 1..{cfg.block_size} tokens, got {T}")
-        x = ops.embedding_forward(p["wte"], p["wpe"], ids)                    # (1, T, C)
-        for i in range(cfg.n_layer):
-            pre = f"h.{i}."
-            xn1, _ = ops.rmsnorm_forward(x, p[pre + "ln1.g"])
-            qkv = ops.linear_forward(xn1, p[pre + "attn.qkv"])                # (1, T, 3C)
-            # keep k and v per head: (T, C) -> (H, T, hs)
-            cache.k[i, :, :T] = qkv[0, :, C:2 * C].reshape(T, H, -1).transpose(1, 0, 2)
-            cache.v[i, :, :T] = qkv[0, :, 2 * C:].reshape(T, H, -1).transpose(1, 0, 2)
-            y, _ = ops.attention_forward(qkv, H)                              # (1, T, C)
-            x = ops.residual_forward(x, ops.linear_forward(y, p[pre + "attn.proj"]))
-            xn2, _ = ops.rmsnorm_forward(x, p[pre + "ln2.g"])
-            hr, _ = ops.squared_relu_forward(ops.linear_forward(xn2, p[pre + "mlp.fc"]))
-            x = ops.residual_forward(x, ops.linear_forward(hr, p[pre + "mlp.proj"]))
-        xf, _ = ops.rmsnorm_forward(x, p["ln_f.g"])
-        cache.length = T
-        return ops.linear_forward(xf, p["lm_head"])[0]                        # (T, V)
+        T = ids.shape[1]
+        if not 1 <= T <= self.cfg.block_size:
+            raise ValueError(f"prefill needs 1..{self.cfg.block_size} tokens, got {T}")
+        x, _ = self.ops.embedding_forward(self.params["wte"], self.params["wpe"], ids)
+        view = cache.prefill_view(stream, T)
+        for i in range(self.cfg.n_layer):
+            x, _ = self.block_forward(x, i, kv=view)
+        cache.lengths[stream] = T
+        return self.head_forward(x)[0]                                         # (T, V)
 
-    def decode_step(self, token: int, cache: "KVCache"):
-        """One token at position cache.length -> logits (V,) for the position after it.
+    def decode(self, tokens, cache: "KVCache", streams):
+        """One new token per stream: tokens (S,) at positions cache.lengths[streams] ->
+        logits (S, V) for the position after each. Every stream attends to its own cache."""
+        streams = np.asarray(streams, dtype=np.int64)
+        pos = cache.lengths[streams]                                           # (S,)
+        if (pos >= self.cfg.block_size).any():
+            raise ValueError(f"a KV cache is full ({self.cfg.block_size} positions): slide "
+                             "the window by prefilling its most recent tokens again")
+        # the embedding of one position per stream: wte[token] + wpe[position]. Rows are
+        # streams: (S, C) runs the same per-position ops as (B, T, C), as 2-D products.
+        x = self.params["wte"][tokens] + self.params["wpe"][pos]              # (S, C)
+        view = cache.decode_view(streams, pos)
+        for i in range(self.cfg.n_layer):
+            x, _ = self.block_forward(x, i, kv=view)
+        cache.lengths[streams] = pos + 1
+        return self.head_forward(x)                                            # (S, V)
 
-        The same math as `forward` for one row, written for few NumPy calls per token: the
-        RMSNorm gains and the attention scale are folded into the cache's copy of the weights,
-        and attention reads the cached keys/values of positions 0..pos as (H, 1, n) matmuls.
-        """
-        pos = cache.length
-        if pos >= self.cfg.block_size:
-            raise ValueError(f"the KV cache is full ({pos} positions): slide the window by "
-                             "prefilling its most recent tokens again")
-        C, H, eps, n = cache.n_embd, cache.n_head, cache.eps, pos + 1
-        x = cache.wte[token] + cache.wpe[pos]                                 # (C,)
-        for (w_qkv, w_proj, w_fc, w_mlp), k, v in zip(cache.weights, cache.k, cache.v):
-            xn = x * (1.0 / math.sqrt(float(x @ x) / C + eps))                # rmsnorm, gain folded
-            qkv = xn @ w_qkv                                                  # (3C,), q pre-scaled
-            k[:, pos] = qkv[C:2 * C].reshape(H, -1)                           # (H, hs) into (H, T, hs)
-            v[:, pos] = qkv[2 * C:].reshape(H, -1)
-            att = qkv[:C].reshape(H, 1, -1) @ k[:, :n].transpose(0, 2, 1)     # (H, 1, n)
-            att -= att.max(axis=-1, keepdims=True)                            # stable softmax
-            np.exp(att, out=att)
-            y = (att @ v[:, :n]) / att.sum(axis=-1, keepdims=True)            # (H, 1, hs)
-            x += y.reshape(C) @ w_proj
-            xn = x * (1.0 / math.sqrt(float(x @ x) / C + eps))
-            h = xn @ w_fc                                                     # (4C,)
-            np.maximum(h, 0.0, out=h)
-            h *= h                                                            # relu(h)^2
-            x += h @ w_mlp
-        cache.length = n
-        xf = x * (1.0 / math.sqrt(float(x @ x) / C + eps))
-        return xf @ cache.lm_head                                             # (V,)
+    def head_forward(self, x):
+        """x (..., C) -> logits (..., V): the final norm and the LM head."""
+        xf, _ = self.norm_forward(x, "ln_f")
+        return self.linear_forward(xf, "lm_head")[0]
 
 
 class KVCache:
-    """Keys and values of every layer for positions 0..length-1 of one window, and the
-    decode-time copy of the weights (norm gains folded into the matrix after each norm:
-    (xhat * g) @ W == xhat @ (g[:, None] * W); the q columns also carry 1/sqrt(hs))."""
+    """Keys and values of every layer for `streams` independent streams: stream s holds
+    positions 0..lengths[s]-1. Shapes (L, S, H, block_size, hs)."""
 
-    def __init__(self, model: GPT):
-        cfg, p, dt = model.cfg, model.params, model.dtype
-        C, H = cfg.n_embd, cfg.n_head
-        hs = C // H
-        self.n_embd, self.n_head, self.eps = C, H, 1e-5    # eps: reference rmsnorm's default
-        self.k = np.zeros((cfg.n_layer, H, cfg.block_size, hs), dtype=dt)   # (L, H, T, hs)
+    def __init__(self, cfg: ModelConfig, streams: int = 1, dtype=np.float32):
+        hs = cfg.n_embd // cfg.n_head
+        self.k = np.zeros((cfg.n_layer, streams, cfg.n_head, cfg.block_size, hs), dtype=dtype)
         self.v = np.zeros_like(self.k)
-        self.length = 0
-        self.wte, self.wpe = p["wte"].copy(), p["wpe"].copy()
-        self.lm_head = p["ln_f.g"][:, None] * p["lm_head"]                  # (C, V)
-        self.weights = []
-        for i in range(cfg.n_layer):
-            pre = f"h.{i}."
-            w_qkv = p[pre + "ln1.g"][:, None] * p[pre + "attn.qkv"]         # (C, 3C)
-            w_qkv[:, :C] *= dt.type(1.0 / math.sqrt(hs))
-            w_fc = p[pre + "ln2.g"][:, None] * p[pre + "mlp.fc"]            # (C, 4C)
-            self.weights.append((w_qkv, p[pre + "attn.proj"].copy(), w_fc,
-                                 p[pre + "mlp.proj"].copy()))
+        self.lengths = np.zeros(streams, dtype=np.int64)
+        self.n_head = cfg.n_head
+
+    @property
+    def streams(self) -> int:
+        return self.k.shape[1]
+
+    def _split(self, qkv):
+        # qkv (S, T, 3C) -> q, k, v each (S, H, T, hs)
+        S, T, C3 = qkv.shape
+        C = C3 // 3
+        return [qkv[:, :, i * C:(i + 1) * C].reshape(S, T, self.n_head, -1).transpose(0, 2, 1, 3)
+                for i in range(3)]
+
+    def prefill_view(self, stream: int, T: int):
+        return _PrefillAttention(self, stream, T)
+
+    def decode_view(self, streams, positions):
+        return _DecodeAttention(self, streams, positions)
+
+
+class _PrefillAttention:
+    """Attention for a prompt of T tokens in one stream: training's causal attention over
+    the prompt, keeping its keys and values at positions 0..T-1."""
+
+    def __init__(self, cache, stream, T):
+        self.cache, self.stream, self.T = cache, stream, T
+
+    def attend(self, ops, layer, qkv):
+        _, k, v = self.cache._split(qkv)                                       # (1, H, T, hs)
+        self.cache.k[layer, self.stream, :, :self.T] = k[0]
+        self.cache.v[layer, self.stream, :, :self.T] = v[0]
+        return ops.attention_forward(qkv, self.cache.n_head)[0]                # (1, T, C)
+
+
+class _DecodeAttention:
+    """Attention of one new position per stream over that stream's cache (itself included)."""
+
+    def __init__(self, cache, streams, positions):
+        self.cache, self.positions = cache, positions
+        S = len(streams)
+        contiguous = S and (streams == np.arange(streams[0], streams[0] + S)).all()
+        self.streams = slice(int(streams[0]), int(streams[0]) + S) if contiguous else streams
+        self.rows = np.arange(S)
+        self.n_seen = int(positions.max()) + 1 if S else 0
+
+    def attend(self, ops, layer, qkv):
+        S, C3 = qkv.shape                                                      # (S, 3C)
+        C, H = C3 // 3, self.cache.n_head
+        q, k, v = (qkv[:, i * C:(i + 1) * C].reshape(S, H, -1) for i in range(3))  # (S, H, hs)
+        keys, values = self.cache.k[layer, self.streams], self.cache.v[layer, self.streams]
+        keys[self.rows, :, self.positions] = k
+        values[self.rows, :, self.positions] = v
+        if not isinstance(self.streams, slice):          # fancy indexing copied: write back
+            self.cache.k[layer, self.streams] = keys
+            self.cache.v[layer, self.streams] = values
+        n = self.n_seen                                  # no stream sees past this position
+        return ops.kv_attention_forward(q, keys[:, :, :n], values[:, :, :n],
+                                        self.positions + 1)                    # (S, C)

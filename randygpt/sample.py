@@ -1,18 +1,15 @@
-"""Turning a model into text: sampling rules, a sliding KV-cache window, stop strings, streaming.
+"""The rules that turn logits into text: sampling, detokenizing, stop strings, prompts.
 
-    prompt -> ids -> Decoder (prefill, then one decode_step per token) -> logits
-           -> sample_token (temperature -> top-k -> top-p -> draw) -> id
+    logits -> sample_token (temperature -> top-k -> top-p -> draw) -> id
            -> Detokenizer (id -> text piece) -> StopFilter (hold back a possible stop string)
-           -> the caller (the CLI writes each piece to stdout and flushes)
 
-Everything here is plain NumPy on single vectors, and imports nothing heavy, so that
-`randygpt generate` reaches its first token quickly.
+session.py runs the model and applies these per stream. Everything here is plain NumPy on
+single vectors, and imports nothing heavy, so that `randygpt generate` starts quickly.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
@@ -31,12 +28,13 @@ class SamplingConfig:
     def validate(self) -> None:
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0
                 and math.isfinite(self.temperature)):
-            raise UserError(f"--temperature {self.temperature} must be a number >= 0 "
-                            "(0 means greedy)")
+            raise UserError(f"{{field}} {self.temperature} must be a number >= 0 "
+                            "(0 means greedy)", "temperature")
         if self.top_k < 0:
-            raise UserError(f"--top-k {self.top_k} must be >= 0 (0 turns it off)")
+            raise UserError(f"{{field}} {self.top_k} must be >= 0 (0 turns it off)", "top_k")
         if not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"--top-p {self.top_p} must be in (0, 1] (1 turns it off)")
+            raise UserError(f"{{field}} {self.top_p} must be in (0, 1] (1 turns it off)",
+                            "top_p")
 
 
 def sample_token(logits, sampling: SamplingConfig, rng) -> int:
@@ -58,92 +56,6 @@ def sample_token(logits, sampling: SamplingConfig, rng) -> int:
     cdf = np.cumsum(probs)
     i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
     return i if i < V else int(np.flatnonzero(probs)[-1])                    # u rounded up to 1
-
-
-# --------------------------------------------------------------------------------------------
-# The context window over a KV cache
-
-class Decoder:
-    """Next-token logits for a growing text, through the model's KV cache.
-
-    The window is the run of most recent tokens the cache holds, at positions 0..n-1. It grows
-    by one token per `feed` until it holds block_size tokens. The token after that does not
-    fit, and because positions are absolute (learned wpe), the cached keys and values cannot
-    simply be shifted down: the window restarts as the last `keep` tokens plus the new one,
-    rebuilt with one prefill. With keep = block_size - 1 every prediction sees exactly the last
-    block_size tokens, as a full forward pass does (nanoGPT's `idx[:, -block_size:]`), but once
-    the text outgrows the block every token costs a prefill. The default keep = block_size // 2
-    prefills once every block_size // 2 tokens; each prediction then sees between keep + 1 and
-    block_size tokens of context. Either way each logit equals a full forward pass over
-    `self.window` (tested).
-    """
-
-    def __init__(self, model, keep: int | None = None):
-        self.model = model
-        self.block_size = model.cfg.block_size
-        self.keep = self.block_size // 2 if keep is None else int(keep)
-        if not 0 <= self.keep < self.block_size:
-            raise ValueError(f"keep must be in [0, {self.block_size - 1}], got {keep}")
-        self.cache = model.new_kv_cache()
-        self.window: list[int] = []
-        self.rebuilds = 0            # prefills after the first (window slides)
-
-    def start(self, ids) -> np.ndarray:
-        """Prefill the last block_size of ids; logits (V,) for the token after them."""
-        ids = [int(i) for i in ids][-self.block_size:]
-        if not ids:
-            raise ValueError("start() needs at least one token (use BOS for an empty prompt)")
-        self.window = ids
-        return self.model.prefill(ids, self.cache)[-1]
-
-    def feed(self, token: int) -> np.ndarray:
-        """Append one token; logits (V,) for the token after it."""
-        token = int(token)
-        if len(self.window) < self.block_size:
-            self.window.append(token)
-            return self.model.decode_step(token, self.cache)
-        self.window = self.window[len(self.window) - self.keep:] + [token]
-        self.rebuilds += 1
-        return self.model.prefill(self.window, self.cache)[-1]
-
-
-def generate_ids(model, prompt_ids, max_tokens: int, sampling: SamplingConfig, rng,
-                 stop_id: int | None = None, keep: int | None = None) -> Iterator[int]:
-    """Yield up to max_tokens new ids after prompt_ids; stop before yielding stop_id."""
-    if max_tokens < 1:
-        return
-    decoder = Decoder(model, keep)
-    logits = decoder.start(prompt_ids)
-    for i in range(max_tokens):
-        token = sample_token(logits, sampling, rng)
-        if token == stop_id:
-            return
-        yield token
-        if i + 1 < max_tokens:
-            logits = decoder.feed(token)
-
-
-def generate_uncached(model, prompt_ids, max_tokens: int, sampling: SamplingConfig, rng,
-                      stop_id: int | None = None) -> list[int]:
-    """The reference without a cache (nanoGPT style): a full forward pass over the last
-    block_size tokens for every new token. `generate_ids(..., keep=block_size - 1)` gives the
-    same tokens; the benchmark uses this as its baseline."""
-    ids, new = [int(i) for i in prompt_ids], []
-    for _ in range(max_tokens):
-        logits, _ = model.forward(np.asarray(ids[-model.cfg.block_size:])[None, :])
-        token = sample_token(logits[0, -1], sampling, rng)
-        if token == stop_id:
-            break
-        ids.append(token)
-        new.append(token)
-    return new
-
-
-def generate_simple(model, prompt_ids, max_new_tokens: int, rng, temperature: float = 1.0,
-                    stop_id: int | None = None) -> list[int]:
-    """Temperature sampling through the KV cache; only the new ids (train.py's end sample)."""
-    return list(generate_ids(model, prompt_ids, max_new_tokens,
-                             SamplingConfig(temperature=temperature), rng, stop_id))
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,44 +141,24 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     if unknown:
         shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
         raise UserError(f"the prompt has {len(unknown)} character(s) this model's tokenizer "
-                        f"does not know: {shown}; use only characters of its training text")
+                        f"does not know: {shown}; use only characters of its training text",
+                        "prompt")
     return [int(i) for i in tokenizer.encode(prompt)]
 
 
-def stream_text(model, tokenizer, prompt: str = "", max_tokens: int = 200,
-                sampling: SamplingConfig | None = None, stop=(), rng=None,
-                keep: int | None = None) -> Iterator[str]:
-    """An iterator over the completion of `prompt`, piece by piece (not the prompt itself).
-
-    Generation ends at EOS, after max_tokens tokens, or at the first of the `stop` strings
-    (matched in the completion only, and not output). rng: a numpy Generator (the seed).
-    """
-    sampling = sampling or SamplingConfig()
-    sampling.validate()
-    if max_tokens < 1:
-        raise UserError(f"--max-tokens {max_tokens} must be at least 1")
-    if any(s == "" for s in stop):
-        raise UserError("a --stop string is empty; give at least one character")
-    rng = rng if rng is not None else np.random.default_rng()
-    prompt_ids = encode_prompt(tokenizer, prompt)      # errors now, before any output
-    return _stream(model, tokenizer, prompt_ids, max_tokens, sampling, stop, rng, keep)
+def generate_simple(model, prompt_ids, max_new_tokens, rng, temperature=1.0, stop_id=None):
+    """TEMPORARY shim for train.py during the redesign; removed when train.py uses session."""
+    from .session import Session
+    session = Session(model, _IdsOnly(stop_id), 1)
+    session.submit(list(prompt_ids), max_new_tokens, SamplingConfig(temperature), (), rng)
+    ids = []
+    while session.active:
+        ids += [e.token for e in session.step() if e.token is not None]
+    return ids
 
 
-def _stream(model, tokenizer, prompt_ids, max_tokens, sampling, stop, rng, keep):
-    detok, stops = Detokenizer(tokenizer), StopFilter(stop)
-    for token in generate_ids(model, prompt_ids, max_tokens, sampling, rng,
-                              stop_id=tokenizer.eos_id, keep=keep):
-        out = stops.push(detok.push(token))
-        if out:
-            yield out
-        if stops.stopped:
-            return
-    out = stops.push(detok.flush())
-    out += "" if stops.stopped else stops.flush()
-    if out:
-        yield out
+class _IdsOnly:
+    kind, chars = "char", ""
 
-
-def generate_text(model, tokenizer, prompt: str = "", **kwargs) -> str:
-    """The whole completion as one string (see stream_text for the arguments)."""
-    return "".join(stream_text(model, tokenizer, prompt, **kwargs))
+    def __init__(self, eos_id):
+        self.eos_id = eos_id

@@ -11,8 +11,9 @@ import pytest
 from randygpt.config import ModelConfig
 from randygpt.errors import UserError
 from randygpt.model import GPT
-from randygpt.sample import (Decoder, SamplingConfig, generate_ids, generate_text,
-                             generate_uncached, stream_text)
+from randygpt.model import KVCache
+from randygpt.sample import SamplingConfig, sample_token
+from randygpt.session import Session, complete, generate
 from randygpt.tokenizer import CharTokenizer
 from clitools import assert_one_line_error
 
@@ -50,28 +51,46 @@ def random_ids(n, seed=0):
 def test_prefill_equals_forward_at_every_position():
     model = make_model()
     ids = random_ids(BLOCK)
-    got = model.prefill(ids, model.new_kv_cache())
+    got = model.prefill(ids, KVCache(model.cfg))
     np.testing.assert_allclose(got, full_logits(model, ids), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-5), (np.float64, 1e-12)])
 def test_decode_steps_equal_forward_at_every_position(dtype, tol):
-    # float64 at 1e-12 shows the decode math (folded gains, cached k/v) is exact, not close
+    # float64 at 1e-12 shows the decode math (cached k/v, one position) is exact, not close
     model = make_model(dtype)
     ids = random_ids(BLOCK, seed=1)
     want = full_logits(model, ids)
-    cache = model.new_kv_cache()
+    cache = KVCache(model.cfg, dtype=dtype)
     got = [model.prefill(ids[:1], cache)[0]]
     for t in range(1, BLOCK):
-        got.append(model.decode_step(ids[t], cache))
-    assert cache.length == BLOCK
+        got.append(model.decode(np.array([ids[t]]), cache, [0])[0])
+    assert cache.lengths[0] == BLOCK
     np.testing.assert_allclose(np.array(got), want, rtol=tol, atol=tol)
     with pytest.raises(ValueError, match="full"):
-        model.decode_step(ids[0], cache)
+        model.decode(np.array([ids[0]]), cache, [0])
+
+
+def test_batched_decode_equals_each_stream_alone():
+    # 5 streams at different lengths decoded in one step (some streams idle): each row is
+    # its own window's forward pass, whatever the others hold
+    model = make_model(np.float64)
+    cache = KVCache(model.cfg, streams=6, dtype=np.float64)
+    prompts = {s: random_ids(1 + s, seed=10 + s) for s in (0, 1, 2, 4, 5)}
+    for s, ids in prompts.items():
+        model.prefill(ids, cache, s)
+    for step in range(3):
+        streams = [5, 0, 2, 4, 1] if step % 2 else [0, 1, 2, 4, 5]    # any order, a gap at 3
+        tokens = [random_ids(1, seed=100 * step + s)[0] for s in streams]
+        logits = model.decode(np.array(tokens), cache, streams)
+        for row, (s, t) in enumerate(zip(streams, tokens)):
+            prompts[s].append(t)
+            want = full_logits(model, prompts[s])[-1]
+            np.testing.assert_allclose(logits[row], want, rtol=1e-12, atol=1e-12)
 
 
 def expected_windows(ids, block, keep):
-    """The documented window policy, written out independently of Decoder."""
+    """The documented window policy, written out independently of Session."""
     window, out, slides = [], [], 0
     for tok in ids:
         if len(window) == block:
@@ -86,13 +105,13 @@ def expected_windows(ids, block, keep):
 def test_sliding_window_logits_equal_forward_over_the_window(keep):
     model = make_model()
     ids = random_ids(4 * BLOCK + 5, seed=2)
-    decoder = Decoder(model, keep=keep)
+    session = Session(model, TOK, keep=keep)
     windows, slides = expected_windows(ids, BLOCK, keep)
-    got = [decoder.start(ids[:1])]
+    got = [session.prefill(0, ids[:1])]
     for tok in ids[1:]:
-        got.append(decoder.feed(tok))
-    assert decoder.window == windows[-1]
-    assert decoder.rebuilds == slides >= 3                          # it slid, repeatedly
+        got.append(session.feed([0], [tok])[0])
+    assert session.window(0) == windows[-1]
+    assert session.rebuilds == slides >= 3                          # it slid, repeatedly
     for t, window in enumerate(windows):
         np.testing.assert_allclose(got[t], full_logits(model, window)[-1], rtol=1e-5,
                                    atol=1e-5, err_msg=f"position {t}, keep {keep}")
@@ -101,10 +120,10 @@ def test_sliding_window_logits_equal_forward_over_the_window(keep):
 def test_keep_block_minus_one_is_the_exact_last_block_tokens():
     model = make_model()
     ids = random_ids(3 * BLOCK, seed=3)
-    decoder = Decoder(model, keep=BLOCK - 1)
-    decoder.start(ids[:1])
+    session = Session(model, TOK, keep=BLOCK - 1)
+    session.prefill(0, ids[:1])
     for t in range(1, len(ids)):
-        got = decoder.feed(ids[t])
+        got = session.feed([0], [ids[t]])[0]
         crop = ids[max(0, t + 1 - BLOCK):t + 1]           # nanoGPT's idx[:, -block_size:]
         np.testing.assert_allclose(got, full_logits(model, crop)[-1], rtol=1e-5, atol=1e-5)
 
@@ -112,10 +131,26 @@ def test_keep_block_minus_one_is_the_exact_last_block_tokens():
 def test_prompt_longer_than_the_block_prefills_its_last_block():
     model = make_model()
     ids = random_ids(2 * BLOCK + 7, seed=4)
-    decoder = Decoder(model)
-    got = decoder.start(ids)
-    assert decoder.window == ids[-BLOCK:]
+    session = Session(model, TOK)
+    got = session.prefill(0, ids)
+    assert session.window(0) == ids[-BLOCK:]
     np.testing.assert_allclose(got, full_logits(model, ids[-BLOCK:])[-1], rtol=1e-5, atol=1e-5)
+
+
+def uncached_ids(model, prompt_ids, max_tokens, sampling, rng, stop_id):
+    """nanoGPT's loop: a full forward pass over the last block_size tokens per new token."""
+    ids, new = list(prompt_ids), []
+    for _ in range(max_tokens):
+        token = sample_token(full_logits(model, ids[-model.cfg.block_size:])[-1], sampling, rng)
+        if token == stop_id:
+            break
+        ids.append(token)
+        new.append(token)
+    return new
+
+
+def ids_of(events):
+    return [e.token for e in events if e.token is not None]
 
 
 @pytest.mark.parametrize("sampling", [SamplingConfig(temperature=0),
@@ -124,10 +159,43 @@ def test_cached_generation_gives_the_same_tokens_as_uncached(sampling):
     model = make_model()
     prompt = TOK.encode("the quick").tolist()
     n = 3 * BLOCK
-    cached = list(generate_ids(model, prompt, n, sampling, np.random.default_rng(9),
-                               keep=BLOCK - 1))
-    uncached = generate_uncached(model, prompt, n, sampling, np.random.default_rng(9))
+    endless = CharTokenizer(TEXT)
+    endless.eos_id = -1                 # never stops early: all n tokens are compared
+    cached = ids_of(generate(model, endless, prompt, n, sampling, rng=np.random.default_rng(9),
+                             keep=BLOCK - 1))
+    uncached = uncached_ids(model, prompt, n, sampling, np.random.default_rng(9), -1)
     assert len(cached) == n and cached == uncached
+
+
+def test_concurrent_streams_each_equal_their_own_generation():
+    # 4 streams with different prompts, sampling settings, stops and lengths, decoded
+    # together (batched steps; streams finish at different times, one joins late): each
+    # stream's events are exactly those it makes alone
+    model = make_model()
+    jobs = [("the ", 30, SamplingConfig(temperature=0), (), 1),
+            ("quick", 25, SamplingConfig(temperature=1.0, top_k=5), (), 2),
+            ("", 40, SamplingConfig(temperature=0.8, top_p=0.9), ("bo",), 3),
+            ("lazy", 3 * BLOCK, SamplingConfig(temperature=1.2), (), 4)]
+    alone = [list(generate(model, TOK, p, n, s, stop, np.random.default_rng(seed)))
+             for p, n, s, stop, seed in jobs]
+    session = Session(model, TOK, streams=4)
+    together = {}
+    for p, n, s, stop, seed in jobs[:3]:
+        together[session.submit(p, n, s, stop, np.random.default_rng(seed))] = []
+    late, steps = jobs[3], 0
+    while session.active:
+        for e in session.step():
+            together[e.stream].append(e)
+        steps += 1
+        if steps == 5:
+            p, n, s, stop, seed = late
+            together[session.submit(p, n, s, stop, np.random.default_rng(seed))] = []
+    for want, got in zip(alone, together.values()):
+        assert [(e.token, e.text, e.finish_reason) for e in got] == \
+               [(e.token, e.text, e.finish_reason) for e in want]
+    reasons = [e[-1].finish_reason for e in alone]
+    assert reasons[:2] == ["length", "length"] and reasons[2] == "stop"
+    assert len({len(e) for e in alone}) == 4            # they finished at different steps
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,43 +204,42 @@ def test_cached_generation_gives_the_same_tokens_as_uncached(sampling):
 GREEDY = SamplingConfig(temperature=0)
 
 
-def test_stops_before_the_stop_id():
+def test_events_carry_tokens_text_and_finish_reasons():
     model = make_model()
-    free = list(generate_ids(model, [TOK.bos_id], 40, GREEDY, None))
-    stop = free[7]
-    first = free.index(stop)
-    stopped = list(generate_ids(model, [TOK.bos_id], 40, GREEDY, None, stop_id=stop))
-    assert stopped == free[:first]
+    events = list(generate(model, TOK, "the", 10, GREEDY))
+    assert len(events) == 10 and [e.finish_reason for e in events] == [None] * 9 + ["length"]
+    assert "".join(e.text for e in events) == TOK.decode(ids_of(events))
 
 
 def test_stream_stops_at_eos_and_at_max_tokens():
     model = make_model()
-    free = generate_text(model, TOK, "", max_tokens=30, sampling=GREEDY)
+    free = complete(model, TOK, "", max_tokens=30, sampling=GREEDY)
     assert len(free) == 30              # every id of this vocabulary but BOS/EOS is one char
     tok = CharTokenizer(TEXT)
     tok.eos_id = tok.stoi[free[10]]     # pretend that character is EOS
-    cut = generate_text(model, tok, "", max_tokens=30, sampling=GREEDY)
-    assert cut == free[:free.index(free[10])]
+    events = list(generate(model, tok, "", max_tokens=30, sampling=GREEDY))
+    assert "".join(e.text for e in events) == free[:free.index(free[10])]
+    assert events[-1].finish_reason == "stop" and events[-1].token is None
 
 
 def test_empty_prompt_starts_from_bos():
     model = make_model()
-    text = generate_text(model, TOK, "", max_tokens=20, sampling=GREEDY)
-    ids = list(generate_ids(model, [TOK.bos_id], 20, GREEDY, None, stop_id=TOK.eos_id))
+    n = BLOCK - 1                       # BOS + n tokens fit one window: no slide
+    text = complete(model, TOK, "", max_tokens=n, sampling=GREEDY)
+    ids = uncached_ids(model, [TOK.bos_id], n, GREEDY, None, TOK.eos_id)
     assert text == TOK.decode(ids) and len(text) > 0
 
 
 def test_stop_strings_cut_the_text_and_are_not_included():
     model = make_model()
-    free = generate_text(model, TOK, "the ", max_tokens=40, sampling=GREEDY)
+    free = complete(model, TOK, "the ", max_tokens=40, sampling=GREEDY)
     stop = free[12:15]
     want = free[:free.index(stop)]
-    assert generate_text(model, TOK, "the ", max_tokens=40, sampling=GREEDY,
-                         stop=[stop]) == want
-    pieces = list(stream_text(model, TOK, "the ", max_tokens=40, sampling=GREEDY,
-                              stop=["zzzz", stop]))
-    assert "".join(pieces) == want and all(p for p in pieces)
-    never = generate_text(model, TOK, "the ", max_tokens=40, sampling=GREEDY, stop=["@@"])
+    assert complete(model, TOK, "the ", max_tokens=40, sampling=GREEDY, stop=[stop]) == want
+    events = list(generate(model, TOK, "the ", max_tokens=40, sampling=GREEDY,
+                           stop=["zzzz", stop]))
+    assert "".join(e.text for e in events) == want and events[-1].finish_reason == "stop"
+    never = complete(model, TOK, "the ", max_tokens=40, sampling=GREEDY, stop=["@@"])
     assert never == free
 
 
@@ -184,13 +251,12 @@ def test_bpe_stream_pieces_join_to_the_decoded_ids():
     cfg = ModelConfig(vocab_size=bpe.vocab_size, block_size=16, n_layer=1, n_embd=32, n_head=4)
     model = GPT(cfg, seed=5)
     s = SamplingConfig(temperature=1.5)      # wander through bytes of multi-byte characters
-    pieces = list(stream_text(model, bpe, "café", max_tokens=120, sampling=s,
-                              rng=np.random.default_rng(3)))
-    ids = list(generate_ids(model, bpe.encode("café").tolist(), 120, s,
-                            np.random.default_rng(3), stop_id=bpe.eos_id))
+    events = list(generate(model, bpe, "café", max_tokens=120, sampling=s,
+                           rng=np.random.default_rng(3)))
+    ids = ids_of(events)
     # a character cut in two by a piece boundary would decode to U+FFFD in the pieces only
     text = bpe.decode(ids)
-    assert "".join(pieces) == text and len(ids) > 50
+    assert "".join(e.text for e in events) == text and len(ids) > 50
     assert any(127 < ord(c) < 0xFFFD for c in text)         # multi-byte characters were made
 
 
@@ -199,23 +265,24 @@ def test_same_seed_same_text_other_seed_other_text():
     s = SamplingConfig(temperature=1.0)
 
     def text(seed):
-        return generate_text(model, TOK, "the", max_tokens=50, sampling=s,
-                             rng=np.random.default_rng(seed))
+        return complete(model, TOK, "the", max_tokens=50, sampling=s,
+                        rng=np.random.default_rng(seed))
     assert text(1) == text(1)
     assert text(1) != text(2)
 
 
-@pytest.mark.parametrize("kwargs, fragment", [
-    (dict(prompt="the cat é ß"), "2 character.*'ß', 'é'"),
-    (dict(sampling=SamplingConfig(temperature=-1)), "--temperature"),
-    (dict(sampling=SamplingConfig(top_p=0)), "--top-p"),
-    (dict(max_tokens=0), "--max-tokens"),
-    (dict(stop=[""]), "--stop")])
-def test_bad_generation_input_is_a_user_error(kwargs, fragment):
+@pytest.mark.parametrize("kwargs, field, fragment", [
+    (dict(prompt="the cat é ß"), "prompt", "2 character.*'ß', 'é'"),
+    (dict(sampling=SamplingConfig(temperature=-1)), "temperature", "-1 must be"),
+    (dict(sampling=SamplingConfig(top_p=0)), "top_p", "0 must be in"),
+    (dict(max_tokens=0), "max_tokens", "0 must be at least 1"),
+    (dict(stop=[""]), "stop", "string is empty")])
+def test_bad_generation_input_is_a_user_error_naming_the_field(kwargs, field, fragment):
     model = make_model()
     args = dict(prompt="the", max_tokens=5) | kwargs
-    with pytest.raises(UserError, match=fragment):
-        stream_text(model, TOK, **args)          # raised at the call, before any text
+    with pytest.raises(UserError, match=fragment) as e:
+        generate(model, TOK, **args)          # raised at the call, before any text
+    assert e.value.field == field and "--" not in str(e.value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +317,7 @@ def test_cli_generate_matches_the_library_and_is_reproducible(trained):
     r = cli(["generate", "--run", "runs/first", "--prompt", "First", "--temperature", "0",
              "--max-tokens", "60"], cwd=trained)
     assert r.returncode == 0, r.stderr
-    want = generate_text(ckpt.model, ckpt.tokenizer, "First", max_tokens=60, sampling=GREEDY)
+    want = complete(ckpt.model, ckpt.tokenizer, "First", max_tokens=60, sampling=GREEDY)
     assert r.stdout == want + "\n"
     args = ["generate", "--prompt", "Speak", "--max-tokens", "80", "--seed", "5",
             "--top-k", "10", "--top-p", "0.9", "--temperature", "1.2"]
@@ -382,7 +449,7 @@ def test_blas_threads_can_be_set_at_run_time():
         assert get_blas_threads() == 1
         model = make_model()                        # still correct single-threaded
         ids = random_ids(BLOCK, seed=7)
-        np.testing.assert_allclose(model.prefill(ids, model.new_kv_cache()),
+        np.testing.assert_allclose(model.prefill(ids, KVCache(model.cfg)),
                                    full_logits(model, ids), rtol=1e-5, atol=1e-5)
     finally:
         set_blas_threads(before)

@@ -140,8 +140,9 @@ def kv_attention_forward(q, k, v, lengths):
     xp = array_module(q)
     S, H, T, hs = k.shape
     scores = (k @ q[..., None])[..., 0] * (1.0 / math.sqrt(hs))        # (S, H, T)
-    unseen = xp.arange(T)[None, None, :] >= xp.asarray(lengths)[:, None, None]
-    scores = xp.where(unseen, -xp.inf, scores)
+    if (lengths < T).any():                                            # a shorter stream
+        unseen = xp.arange(T)[None, None, :] >= xp.asarray(lengths)[:, None, None]
+        scores = xp.where(unseen, -xp.inf, scores)
     scores = scores - scores.max(axis=-1, keepdims=True)
     att = xp.exp(scores)
     att /= att.sum(axis=-1, keepdims=True)                             # (S, H, T)

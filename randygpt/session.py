@@ -1,0 +1,180 @@
+"""Generation: one model, many streams decoded together, each with its own sampling.
+
+    Session(model, tokenizer, streams=N)
+      submit(prompt, max_tokens, sampling, stop, rng) -> stream id      (prefills the prompt)
+      step() -> [Event, ...]     one new token for every active stream: each samples from its
+                                 own logits, then all of them are decoded in ONE batched step
+    generate(model, tokenizer, prompt, ...) -> iterator of Events       (one stream)
+    complete(model, tokenizer, prompt, ...) -> str                      (the whole text)
+
+The weights are the model's own, shared by every stream; a stream owns only its row of the
+KVCache, its window of token ids, its sampler state and its text filters. An Event carries
+the token id, the text that token releases (a BPE token can end mid-character, and text
+that may still become a stop string is held back) and, on a stream's last event, why it
+ended: "stop" (end of document, or a stop string, which is not output) or "length".
+
+Windows: positions are absolute (learned wpe), so when a stream's window holds block_size
+tokens the next one does not fit; the window restarts as its last `keep` tokens plus the
+new one, rebuilt with one prefill. keep = block_size - 1 makes every prediction see exactly
+the last block_size tokens, as a full forward pass does (nanoGPT's idx[:, -block_size:]);
+the default keep = block_size // 2 prefills once every block_size // 2 tokens. Either way
+each logit equals a full forward pass over the stream's window (tested).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from .errors import UserError
+from .model import KVCache
+from .sample import Detokenizer, SamplingConfig, StopFilter, encode_prompt, sample_token
+
+
+@dataclass
+class Event:
+    stream: int
+    token: int | None                 # the new token; None when the stream ends without one
+    text: str                         # the text this event releases (may be "")
+    finish_reason: str | None = None  # "stop" or "length" on the stream's last event
+
+
+@dataclass
+class _Stream:
+    window: list                      # the ids at positions 0..n-1 of this stream's cache
+    logits: np.ndarray                # (V,) for the next token
+    max_tokens: int
+    sampling: SamplingConfig
+    rng: np.random.Generator
+    detokenizer: Detokenizer
+    stops: StopFilter
+    generated: int = 0
+    tokens: list = field(default_factory=list)
+
+
+class Session:
+    def __init__(self, model, tokenizer, streams: int = 1, keep: int | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.block_size = model.cfg.block_size
+        self.keep = self.block_size // 2 if keep is None else int(keep)
+        if not 0 <= self.keep < self.block_size:
+            raise ValueError(f"keep must be in [0, {self.block_size - 1}], got {keep}")
+        self.cache = KVCache(model.cfg, streams, model.dtype)
+        self.active: dict[int, _Stream] = {}
+        self._windows: dict[int, list] = {}   # stream -> its window of ids
+        self.rebuilds = 0                 # prefills after a stream's first (windows slid)
+
+    @property
+    def free(self) -> int:
+        return self.cache.streams - len(self.active)
+
+    # ---- the window mechanics: logits for each stream's next token ----------------------
+    def prefill(self, stream: int, ids) -> np.ndarray:
+        """Start `stream` on the last block_size of ids; logits (V,) for the token after."""
+        ids = [int(i) for i in ids][-self.block_size:]
+        if not ids:
+            raise ValueError("a stream needs at least one token (BOS for an empty prompt)")
+        self._windows[stream] = ids
+        return self.model.prefill(ids, self.cache, stream)[-1]
+
+    def feed(self, streams, tokens) -> np.ndarray:
+        """Append one token to each stream; logits (S, V) for the token after each. Streams
+        whose window is full are rebuilt by a prefill, the rest share one decode step."""
+        out = np.empty((len(streams), self.model.cfg.vocab_size), dtype=self.model.dtype)
+        grow = []
+        for row, (s, t) in enumerate(zip(streams, tokens)):
+            window = self._windows[s]
+            if len(window) < self.block_size:
+                window.append(int(t))
+                grow.append(row)
+            else:
+                self.rebuilds += 1
+                out[row] = self.prefill(s, window[len(window) - self.keep:] + [int(t)])
+        if grow:
+            rows = np.asarray(grow)
+            out[rows] = self.model.decode(np.asarray(tokens)[rows], self.cache,
+                                          np.asarray(streams)[rows])
+        return out
+
+    def window(self, stream: int) -> list:
+        return self._windows[stream]
+
+    # ---- streams of text ---------------------------------------------------------------
+    def submit(self, prompt="", max_tokens: int = 200, sampling: SamplingConfig | None = None,
+               stop=(), rng=None) -> int:
+        """Start a stream on `prompt` (text, or a list of ids); returns its id. Every
+        argument is checked here, before any token is made."""
+        sampling = sampling or SamplingConfig()
+        sampling.validate()
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise UserError(f"{{field}} {max_tokens} must be at least 1", "max_tokens")
+        if any(s == "" for s in stop):
+            raise UserError("a {field} string is empty; give at least one character", "stop")
+        ids = encode_prompt(self.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+        if not self.free:
+            raise RuntimeError("every stream of this session is busy")
+        s = min(set(range(self.cache.streams)) - set(self.active))
+        logits = self.prefill(s, ids)
+        self.active[s] = _Stream(self._windows[s], logits, max_tokens, sampling,
+                                 rng if rng is not None else np.random.default_rng(),
+                                 Detokenizer(self.tokenizer), StopFilter(stop))
+        return s
+
+    def cancel(self, stream: int) -> None:
+        self.active.pop(stream, None)
+
+    def step(self) -> list[Event]:
+        """One token for every active stream (in stream order); finished streams leave."""
+        events, going = [], []
+        for s in sorted(self.active):
+            st = self.active[s]
+            token = sample_token(st.logits, st.sampling, st.rng)
+            if token == self.tokenizer.eos_id:
+                events.append(self._finish(s, None, "", "stop"))
+                continue
+            st.generated += 1
+            st.tokens.append(token)
+            text = st.stops.push(st.detokenizer.push(token))
+            if st.stops.stopped:
+                events.append(self._finish(s, token, text, "stop", flush=False))
+            elif st.generated == st.max_tokens:
+                events.append(self._finish(s, token, text, "length"))
+            else:
+                events.append(Event(s, token, text))
+                going.append((s, token))
+        if going:
+            streams, tokens = zip(*going)
+            for s, logits in zip(streams, self.feed(list(streams), list(tokens))):
+                self.active[s].logits = logits
+        return events
+
+    def _finish(self, s, token, text, reason, flush=True) -> Event:
+        st = self.active.pop(s)
+        if flush:       # held-back text: the end of a character, or not a stop string after all
+            text += st.stops.push(st.detokenizer.flush())
+            if st.stops.stopped:
+                reason = "stop"
+            else:
+                text += st.stops.flush()
+        return Event(s, token, text, reason)
+
+
+def generate(model, tokenizer, prompt="", max_tokens: int = 200,
+             sampling: SamplingConfig | None = None, stop=(), rng=None,
+             keep: int | None = None) -> Iterator[Event]:
+    """The Events of one stream continuing `prompt`; the arguments are checked at the call,
+    before any output."""
+    session = Session(model, tokenizer, 1, keep)
+    session.submit(prompt, max_tokens, sampling, stop, rng)
+    return _drain(session)
+
+
+def _drain(session: Session) -> Iterator[Event]:
+    while session.active:
+        yield from session.step()
+
+
+def complete(model, tokenizer, prompt="", **kwargs) -> str:
+    """The whole completion of `prompt` as one string (see generate for the arguments)."""
+    return "".join(e.text for e in generate(model, tokenizer, prompt, **kwargs))
