@@ -266,7 +266,7 @@ def test_backends_share_one_buffer_pool_unless_given_their_own():
     assert sum(map(len, private.free.values())) == 0
     del out, _
     assert sum(map(len, private.free.values())) == 1                   # back in its free list
-    assert memory.shared_pool() is memory.shared_pool()
+    assert contract.get_backend("fused").options["buffer_pool"] is True   # memory.SHARED
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,8 +11,6 @@ the tile into one vector FMA). Tiles above the diagonal are skipped: S, P and dS
 computed for key columns up to the 16-aligned end of each 4-row block. The (T, T) matrices
 live in per-chunk scratch for one (batch item, head) at a time, never for the whole batch.
 """
-from __future__ import annotations
-
 import math
 from typing import NamedTuple
 
@@ -22,8 +20,6 @@ from numba import njit, prange
 
 from .elementwise import exp_nonpositive
 from .jit import CHUNKS, pjit, stack_block
-
-OPS = ("attention_forward", "attention_backward")
 
 # The tile functions are compiled with fastmath "contract" only: with reassociation allowed,
 # LLVM vectorises across the k loop instead (gathers, much slower).

@@ -2,8 +2,6 @@
 residual add after dropout, cross-entropy. Each public op has its reference twin's signature
 (ops/contract.py); those that return large arrays also take `empty`, the allocator the
 backend binds (fused/memory.py). Caches hold less than the reference's (see each op)."""
-from __future__ import annotations
-
 import math
 from typing import NamedTuple
 
@@ -13,10 +11,6 @@ from numba.extending import intrinsic, overload
 
 from .. import reference
 from .jit import CHUNKS, flat, jit, pjit, rows
-
-OPS = ("embedding_forward", "embedding_backward", "rmsnorm_forward", "rmsnorm_backward",
-       "squared_relu_forward", "squared_relu_backward", "residual_dropout_forward",
-       "residual_dropout_backward", "cross_entropy_forward", "cross_entropy_backward")
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,8 +10,6 @@ depend on the number of threads. float32 and float64 both work (float64 for the
 finite-difference tests); `fastmath` allows the reassociation that vectorised reductions
 need, but not nnan/ninf.
 """
-from __future__ import annotations
-
 import numba
 import numpy as np
 from numba import njit, types

@@ -3,14 +3,10 @@ runs one small sgemm per batch item; one (B*T, IN) @ (IN, OUT) product is 1.5-2x
 With the backend's own_sgemm option (by default on CPUs with AVX-512) the float32 products
 run on our own sgemm (fused/sgemm.py) wherever it beats OpenBLAS; elsewhere, and in float64,
 on OpenBLAS. The cache is the reference's (x, w)."""
-from __future__ import annotations
-
 import numpy as np
 
 from . import sgemm as own
 from .jit import rows
-
-OPS = ("linear_forward", "linear_backward")
 
 
 def _matmul(a, b, empty, own_sgemm):

@@ -1,6 +1,4 @@
 """Recycled memory for the large arrays the fused ops return."""
-from __future__ import annotations
-
 import math
 import weakref
 
@@ -39,13 +37,6 @@ class BufferPool:
         return np.asarray(lease)
 
 
-_shared: list[BufferPool] = []
-
-
-def shared_pool() -> BufferPool:
-    """The process's one pool, which every fused backend with buffer_pool=True draws from
-    (a block is leased to one array at a time, so backends can share it; two pools would
-    only keep two sets of free blocks)."""
-    if not _shared:
-        _shared.append(BufferPool())
-    return _shared[0]
+# The pool every fused backend with buffer_pool=True draws from: a block is leased to one
+# array at a time, so backends can share it (two pools would keep two sets of free blocks).
+SHARED = BufferPool()

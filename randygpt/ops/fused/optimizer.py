@@ -1,14 +1,10 @@
 """AdamW in one parallel pass over the flat buffers (instead of ~10 NumPy passes); its
 readable twin is reference.adamw_update, and optim.AdamW calls either through a backend."""
-from __future__ import annotations
-
 import math
 
 from numba import prange
 
 from .jit import pjit
-
-OPS = ("adamw_update",)
 
 
 # m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
