@@ -259,6 +259,13 @@ def test_backends_with_different_options_coexist(monkeypatch):
     np.testing.assert_array_equal(pooled, fresh)
 
 
+def test_an_unknown_option_is_a_user_error():
+    from randygpt.errors import UserError
+    with pytest.raises(UserError) as e:
+        contract.get_backend("fused", own_sgem=False)
+    assert e.value.field == "backend" and "own_sgem" in str(e.value)
+
+
 def test_backends_share_one_buffer_pool_unless_given_their_own():
     private = memory.BufferPool(min_bytes=0)
     a = contract.get_backend("fused", buffer_pool=private)

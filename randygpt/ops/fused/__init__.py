@@ -19,14 +19,15 @@ from functools import partial
 import numpy as np
 
 from ... import threads
+from ...errors import UserError
 from ..contract import OP_NAMES, Backend, make_backend
 from . import attention, elementwise, linear, memory, optimizer, sgemm
 
 FAMILIES = (elementwise, attention, linear, optimizer)
 
 
-def backend(own_sgemm: bool | None = None, buffer_pool=True,
-            keep_freed_memory: bool = True) -> Backend:
+def backend(own_sgemm: bool | None = None, buffer_pool=True, keep_freed_memory: bool = True,
+            **unknown) -> Backend:
     """The fused ops with these options; backends with different options coexist.
 
     own_sgemm: float32 products on the own sgemm where it beats OpenBLAS (sgemm.takes_rows,
@@ -36,6 +37,9 @@ def backend(own_sgemm: bool | None = None, buffer_pool=True,
         (a fresh np.empty each time), or a memory.BufferPool to draw from.
     keep_freed_memory: ask glibc to keep freed memory for reuse (threads.keep_freed_memory).
         A process-wide setting: once a backend has made it, it holds for every array."""
+    if unknown:
+        raise UserError(f"the fused backend has no option {', '.join(unknown)} (it has "
+                        "own_sgemm, buffer_pool, keep_freed_memory)", "backend")
     if own_sgemm is None:
         own_sgemm = sgemm.own_sgemm_default()
     pool = memory.SHARED if buffer_pool is True else buffer_pool
