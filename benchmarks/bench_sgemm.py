@@ -1,4 +1,4 @@
-"""randyGPT's own sgemm (ops/fused.py) against NumPy's OpenBLAS, on the training step's shapes.
+"""randyGPT's own sgemm (ops/fused/sgemm.py) against NumPy's OpenBLAS, on the training step's shapes.
 
     .venv/bin/python benchmarks/bench_sgemm.py [--configs A B] [--repeats 30]
 
@@ -6,9 +6,9 @@ For each linear layer of configs A (small preset, 2048 positions, 128 channels) 
 positions, 256 channels): the forward x @ W and the input gradient dout @ W^T (sgemm.sgemm),
 and the weight gradient x^T dout (sgemm.sgemm_deep, split over positions). Both run in this
 process, alternating call by call; prints median GFLOP/s, the ratio, which one training
-takes for that shape (sgemm.takes_rows / takes_deep, the rules ops/fused.py follows), and
+takes for that shape (sgemm.takes_rows / takes_deep, the rules ops/fused/linear.py follows), and
 the sum over one training step. Also prints the environment that steers OpenBLAS (OPENBLAS_CORETYPE) and
-whether this CPU has AVX-512 (training uses the own sgemm only then).
+whether the fused backend's own_sgemm default is on (an AVX-512 CPU, RANDYGPT_OWN_SGEMM not 0).
 """
 import argparse
 import os
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import randygpt  # noqa: E402,F401  (thread policy before NumPy)
 import numpy as np  # noqa: E402
 
-from randygpt.ops import sgemm  # noqa: E402
+from randygpt.ops.fused import sgemm  # noqa: E402
 
 CONFIGS = {"A": (2048, 128, 6), "B": (16384, 256, 6)}     # positions, channels, layers
 VOCAB = 67
@@ -45,8 +45,9 @@ def main(argv=None):
     ap.add_argument("--configs", nargs="+", default=["A", "B"], choices=sorted(CONFIGS))
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args(argv)
-    print(f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; this CPU has "
-          f"AVX-512, so training uses the own sgemm: {sgemm.USE_OWN_SGEMM}")
+    own_sgemm = sgemm.own_sgemm_default()
+    print(f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; the fused "
+          f"backend's own_sgemm default (an AVX-512 CPU): {own_sgemm}")
     rng = np.random.default_rng(0)
     for name in args.configs:
         N, C, L = CONFIGS[name]
@@ -68,7 +69,7 @@ def main(argv=None):
                 takes_own = (sgemm.takes_deep if deep else sgemm.takes_rows)(a, b, np.float32)
                 times = L if layer != "lm_head" else 1
                 step["OpenBLAS"] += times * t_ob
-                step["own"] += times * (t_own if takes_own and sgemm.USE_OWN_SGEMM else t_ob)
+                step["own"] += times * (t_own if takes_own and own_sgemm else t_ob)
                 note = "" if takes_own else "  (training: OpenBLAS)"
                 print(f"  {layer:<12}{product:<16}{flops / t_ob / 1e9:>7.0f} GF"
                       f"{flops / t_own / 1e9:>7.0f} GF{t_ob / t_own:>7.2f}x{note}")

@@ -109,11 +109,11 @@ def best_gflops(matmul, a, b, repeats) -> float:
 
 
 def own_sgemm_peak(repeats=20) -> float:
-    """Best GFLOP/s of randyGPT's own sgemm (ops/sgemm.py) at its best shape; 0 where the CPU
+    """Best GFLOP/s of randyGPT's own sgemm (ops/fused/sgemm.py) at its best shape; 0 where the CPU
     has no AVX-512 (training then uses OpenBLAS)."""
     import numpy as np
-    from randygpt.ops import sgemm
-    if not sgemm.USE_OWN_SGEMM:
+    from randygpt.ops.fused import sgemm
+    if not sgemm.own_sgemm_default():
         return 0.0
     rng = np.random.default_rng(0)
     a = rng.standard_normal((4096, 512), dtype=np.float32)
@@ -132,65 +132,53 @@ def sgemm_peak(matmul, make, n=2048, repeats=5) -> float:
 # ("run N" -> train N steps; "quit") and answer one JSON line each on stdout.
 
 # --ablation: the fused path with one optimisation taken back out at a time. Each entry is
-# (what it removes, environment overrides, ops replaced by the reference's, other changes).
+# (what it removes, environment overrides, ops replaced by the reference's (name prefixes),
+# fused backend options).
 _ELEMENTWISE = ["embedding", "rmsnorm", "squared_relu", "residual_dropout", "cross_entropy"]
 ABLATIONS = {
-    "fused": ("nothing (the full fast path)", {}, [], ""),
+    "fused": ("nothing (the full fast path)", {}, [], {}),
     # libgomp's default when OMP_WAIT_POLICY is unset: spin 300k iterations, then sleep
     "-omp-passive": ("numba threads sleep when idle (libgomp default: spin first)",
-                     {"OMP_WAIT_POLICY": "active", "GOMP_SPINCOUNT": "300000"}, [], ""),
+                     {"OMP_WAIT_POLICY": "active", "GOMP_SPINCOUNT": "300000"}, [], {}),
     "-blas-timeout": ("OpenBLAS threads sleep when idle (back to 2^28 cycles of spinning)",
-                      {"OPENBLAS_THREAD_TIMEOUT": "28"}, [], ""),
-    "-keep-memory": ("freed memory kept for reuse (glibc mallopt)", {}, [], "no-mallopt"),
-    "-buffer-pool": ("large arrays recycled by size (ops/fused._BufferPool)", {}, [], "no-pool"),
+                      {"OPENBLAS_THREAD_TIMEOUT": "28"}, [], {}),
+    "-keep-memory": ("freed memory kept for reuse (glibc mallopt)", {}, [],
+                     {"keep_freed_memory": False}),
+    "-buffer-pool": ("large arrays recycled by size (ops/fused/memory.py)", {}, [],
+                     {"buffer_pool": False}),
     "-attention": ("fused attention (reference: stores B*H*T*T probabilities)", {},
-                   ["attention"], ""),
+                   ["attention"], {}),
     "-own-sgemm": ("own AVX-512 sgemm, all three products (OpenBLAS's instead)", {}, [],
-                   "no-own-sgemm"),
-    "-linear-2d": ("2-D matmuls (reference: one sgemm per batch item)", {}, ["linear"], ""),
+                   {"own_sgemm": False}),
+    "-linear-2d": ("2-D matmuls (reference: one sgemm per batch item)", {}, ["linear"], {}),
     "-elementwise": ("fused norm/ReLU^2/dropout/embedding/cross-entropy kernels", {},
-                     _ELEMENTWISE, ""),
-    "-fused-adamw": ("one-pass AdamW", {}, [], "reference-adamw"),
+                     _ELEMENTWISE, {}),
+    "-fused-adamw": ("one-pass AdamW", {}, ["adamw"], {}),
 }
 
 
-def ablated_ops(name):
-    """The fused path minus one optimisation: (ops namespace, optimizer class)."""
-    import types
-
-    import numpy as np
-    from randygpt import threads
-    from randygpt.ops import fused, reference, sgemm
-    from randygpt.optim import AdamW, FusedAdamW
-    _, _, replaced, other = ABLATIONS[name]
-    if other != "no-mallopt":
-        threads.keep_freed_memory()
-    if other == "no-pool":
-        fused._empty = np.empty
-    if other == "no-own-sgemm":
-        sgemm.USE_OWN_SGEMM = False
-    ops = types.SimpleNamespace(**{n: getattr(fused, n) for n in dir(reference)
-                                   if n.endswith(("_forward", "_backward"))})
-    for layer in replaced:
-        for half in ("_forward", "_backward"):
-            setattr(ops, layer + half, getattr(reference, layer + half))
-    return ops, AdamW if other == "reference-adamw" else FusedAdamW
+def ablated_backend(name):
+    """The fused backend minus one optimisation: its options changed, or some of its ops
+    left to the reference (make_backend fills in what the table lacks)."""
+    from randygpt.ops import contract
+    _, _, replaced, options = ABLATIONS[name]
+    fused = contract.get_backend("fused", **options)
+    table = {op: getattr(fused, op) for op in fused.own if not op.startswith(tuple(replaced))}
+    return contract.make_backend(f"fused{name}", table, fused.options)
 
 
 def randygpt_trainer(cfg, impl):
     import numpy as np
     from randygpt.config import ModelConfig
     from randygpt.model import GPT
-    from randygpt.optim import clip_grad_norm
-    from randygpt.train import training_ops                 # exactly what `randygpt train` uses
-    if impl in ABLATIONS and impl != "fused":
-        ops, Optimizer = ablated_ops(impl)
-    else:
-        ops, Optimizer = training_ops(reference=impl == "reference")
+    from randygpt.optim import AdamW, clip_grad_norm
+    # the backend `randygpt train` uses: fused (with its default options) or the reference
+    backend = ablated_backend(impl) if impl in ABLATIONS and impl != "fused" else impl
     mcfg = ModelConfig(vocab_size=VOCAB, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
                        n_embd=cfg["n_embd"], n_head=cfg["n_head"], dropout=DROPOUT)
-    model = GPT(mcfg, seed=0, ops=ops)
-    opt = Optimizer(model.params.flat, model.decay_mask(), *BETAS, eps=EPS, weight_decay=WD)
+    model = GPT(mcfg, seed=0, backend=backend)
+    opt = AdamW(model.params.flat, model.decay_mask(), *BETAS, eps=EPS, weight_decay=WD,
+                backend=model.backend)
     data = batches(token_stream(), cfg["batch_size"], cfg["block_size"], seed=1)
     dropout_rng = np.random.default_rng(2)
 

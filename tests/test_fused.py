@@ -1,5 +1,6 @@
-"""The fused numba kernels against the readable reference they replace, and the fast path end
-to end: whole-model finite differences, a short training run, FusedAdamW, the thread policy."""
+"""The fused backend's ops against the readable reference they replace, its options, and the
+fast path end to end: whole-model finite differences, a short training run, the fused AdamW,
+the thread policy."""
 import subprocess
 import sys
 
@@ -8,10 +9,14 @@ import pytest
 
 from randygpt.config import ModelConfig
 from randygpt.model import GPT
-from randygpt.ops import fused, reference, sgemm
-from randygpt.optim import AdamW, FusedAdamW, clip_grad_norm
+from randygpt.ops import contract, reference
+from randygpt.ops.fused import elementwise, memory, sgemm
+from randygpt.optim import AdamW, clip_grad_norm
 from randygpt import threads
 from gradcheck import check_model_gradient, rel_error
+
+fused = contract.get_backend("fused")
+EPS = 1e-5
 
 RNG = np.random.default_rng(0)
 DTYPES = [np.float32, np.float64]
@@ -33,11 +38,11 @@ def normal(*shape, dtype=np.float32, scale=1.0):
 def test_fast_exp_matches_numpy_exp():
     x = np.concatenate([-np.linspace(0, 87, 100_001), [0.0, -1e-30, -0.5, -86.9]])
     x = x.astype(np.float32).astype(np.float64)                     # exact float32 inputs
-    got = fused.fast_exp(x.astype(np.float32)).astype(np.float64)
+    got = elementwise.fast_exp(x.astype(np.float32)).astype(np.float64)
     rel = np.abs(got - np.exp(x)) / np.exp(x)
     assert rel.max() < 5e-7
     assert got[-4] == 1.0
-    assert fused.fast_exp(np.float32([-200.0]))[0] < 2e-38         # clamped: tiny, not garbage
+    assert elementwise.fast_exp(np.float32([-200.0]))[0] < 2e-38         # clamped: tiny, not garbage
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -45,12 +50,14 @@ def test_embedding(dtype):
     wte, wpe = normal(11, 8, dtype=dtype), normal(9, 8, dtype=dtype)
     idx = RNG.integers(0, 11, (3, 7))
     idx[0, :3] = 4                                                  # repeats must accumulate
-    np.testing.assert_array_equal(fused.embedding_forward(wte, wpe, idx),
-                                  reference.embedding_forward(wte, wpe, idx))
+    out, cache = fused.embedding_forward(wte, wpe, idx)
+    ref_out, ref_cache = reference.embedding_forward(wte, wpe, idx)
+    np.testing.assert_array_equal(out, ref_out)
     dout = normal(3, 7, 8, dtype=dtype)
-    for got, want in zip(fused.embedding_backward(dout, idx, 11, 9),
-                         reference.embedding_backward(dout, idx, 11, 9)):
-        close(got, want, dtype)
+    got, want = fused.embedding_backward(dout, cache), reference.embedding_backward(dout, ref_cache)
+    assert got[0] is None and want[0] is None and len(got) == len(want) == 3
+    for g, w in zip(got[1:], want[1:]):
+        close(g, w, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -61,13 +68,16 @@ def test_rmsnorm(dtype, shape, zero_gain):
         normal(*shape, dtype=dtype)
     if zero_gain:
         g[3] = 0.0
-    out, cache = fused.rmsnorm_forward(x, g)
-    ref_out, ref_cache = reference.rmsnorm_forward(x, g)
+    out, cache = fused.rmsnorm_forward(x, g, EPS)
+    ref_out, ref_cache = reference.rmsnorm_forward(x, g, EPS)
     close(out, ref_out, dtype)
     assert out.dtype == dtype and out.shape == shape
-    for got, want in zip(fused.rmsnorm_backward(dout, g, cache),
-                         reference.rmsnorm_backward(dout, g, ref_cache)):
-        close(got, want, dtype)
+    # the cache keeps the output (no second (N, C) array), or x where a gain is ~0
+    assert np.shares_memory(cache.xhat_source, x if zero_gain else out)
+    got, want = fused.rmsnorm_backward(dout, cache), reference.rmsnorm_backward(dout, ref_cache)
+    assert len(got) == len(want) == 2
+    for g_, w_ in zip(got, want):
+        close(g_, w_, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -101,16 +111,20 @@ def test_own_weight_gradient_kernel_matches_matmul(dtype, K, M, N):
                                         (4, 130, 128, 256)])
 def test_linear(dtype, B, T, IN, OUT, own_sgemm, monkeypatch):
     # the last shapes take the own sgemm for x @ W and dout @ W^T (when the CPU has AVX-512,
-    # or forced here): float32, whole 64-column panels, >= 128 summed terms
-    monkeypatch.setattr(sgemm, "USE_OWN_SGEMM", own_sgemm)
+    # or asked for here): float32, whole 64-column panels, >= 128 summed terms
+    backend = contract.get_backend("fused", own_sgemm=own_sgemm)
     calls = []
     monkeypatch.setattr(sgemm, "sgemm", lambda *a, _f=sgemm.sgemm: calls.append(1) or _f(*a))
     monkeypatch.setattr(sgemm, "sgemm_deep",
                         lambda *a, _f=sgemm.sgemm_deep: calls.append(2) or _f(*a))
     x, w, dout = normal(B, T, IN, dtype=dtype), normal(IN, OUT, dtype=dtype), \
         normal(B, T, OUT, dtype=dtype)
-    close(fused.linear_forward(x, w), reference.linear_forward(x, w), dtype)
-    for got, want in zip(fused.linear_backward(dout, x, w), reference.linear_backward(dout, x, w)):
+    out, cache = backend.linear_forward(x, w)
+    ref_out, ref_cache = reference.linear_forward(x, w)
+    close(out, ref_out, dtype)
+    got, want = backend.linear_backward(dout, cache), reference.linear_backward(dout, ref_cache)
+    assert len(got) == len(want) == 2
+    for got, want in zip(got, want):
         assert got.shape == want.shape
         close(got, want, dtype)
     takes_own = own_sgemm and dtype == np.float32 and IN == 128
@@ -130,8 +144,9 @@ def test_attention(B, T, H, hs, dtype):
     out, cache = fused.attention_forward(qkv, H)
     ref_out, ref_cache = reference.attention_forward(qkv, H)
     close(out, ref_out, dtype)
-    close(fused.attention_backward(dout, cache), reference.attention_backward(dout, ref_cache),
-          dtype)
+    (dqkv,), (ref_dqkv,) = (fused.attention_backward(dout, cache),
+                            reference.attention_backward(dout, ref_cache))
+    close(dqkv, ref_dqkv, dtype)
 
 
 def test_attention_keeps_no_t_by_t_matrix():
@@ -147,21 +162,29 @@ def test_squared_relu(dtype):
     out, cache = fused.squared_relu_forward(x)
     ref_out, ref_cache = reference.squared_relu_forward(x)
     np.testing.assert_array_equal(out, ref_out)
-    close(fused.squared_relu_backward(dout, cache),
-          reference.squared_relu_backward(dout, ref_cache), dtype)
+    assert np.shares_memory(cache, out)                  # the cache is the output itself
+    (dx,), (ref_dx,) = (fused.squared_relu_backward(dout, cache),
+                        reference.squared_relu_backward(dout, ref_cache))
+    close(dx, ref_dx, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dropout_same_mask_bit_for_bit(dtype):
+    # dropout alone is the residual form with x = 0: 0 + f * scale is exact
     x, dout = normal(4, 9, 33, dtype=dtype), normal(4, 9, 33, dtype=dtype)
-    out, mask = fused.dropout_forward(x, 0.3, np.random.default_rng(5))
+    zero = np.zeros_like(x)
+    out, key = fused.residual_dropout_forward(zero, x, 0.3, np.random.default_rng(5))
     ref_out, ref_mask = reference.dropout_forward(x, 0.3, np.random.default_rng(5))
     np.testing.assert_array_equal(out, ref_out)
     assert 0.2 < (out == 0).mean() < 0.4
-    np.testing.assert_array_equal(fused.dropout_backward(dout, mask),
+    assert all(np.ndim(k) == 0 for k in key)                   # a key, no mask is stored
+    np.testing.assert_array_equal(fused.residual_dropout_backward(dout, key)[1],
                                   reference.dropout_backward(dout, ref_mask))
-    same, none = fused.dropout_forward(x, 0.0, np.random.default_rng(5))
-    assert same is x and none is None and fused.dropout_backward(dout, None) is dout
+    same, none = fused.residual_dropout_forward(zero, x, 0.0, np.random.default_rng(5))
+    assert none is None
+    np.testing.assert_array_equal(same, x)
+    dx, dfx = fused.residual_dropout_backward(dout, None)
+    assert dx is dout and dfx is dout
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -178,23 +201,83 @@ def test_residual_dropout_same_as_reference(dtype):
     plain, none = fused.residual_dropout_forward(x, f, 0.0, np.random.default_rng(8))
     assert none is None
     np.testing.assert_array_equal(plain, x + f)
+    plain, none = fused.residual_dropout_forward(x, f, 0.3, None)     # evaluation: no rng
+    assert none is None
+    np.testing.assert_array_equal(plain, x + f)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ignore", [False, True])
-def test_cross_entropy(dtype, ignore):
+@pytest.mark.parametrize("dloss", [1.0, 0.25])
+def test_cross_entropy(dtype, ignore, dloss):
     logits, targets = normal(3, 7, 11, dtype=dtype, scale=4), RNG.integers(0, 11, (3, 7))
     if ignore:
         targets[1, 2:] = -1                                         # padding: left out
     loss, cache = fused.cross_entropy_forward(logits, targets)
     ref_loss, ref_cache = reference.cross_entropy_forward(logits, targets)
     assert loss == pytest.approx(float(ref_loss), rel=TOL[dtype] * 10)
-    close(fused.cross_entropy_backward(cache, logits.shape),
-          reference.cross_entropy_backward(ref_cache, logits.shape), dtype)
+    (dlogits,), (ref_dlogits,) = (fused.cross_entropy_backward(dloss, cache),
+                                  reference.cross_entropy_backward(dloss, ref_cache))
+    assert dlogits.shape == logits.shape
+    close(dlogits, ref_dlogits, dtype)
 
 
 # --------------------------------------------------------------------------------------------
-# AdamW: one fused pass == the readable optimizer
+# The backend and its options
+
+def test_fused_backend_implements_all_but_generation_attention():
+    assert fused.own == set(contract.OP_NAMES) - {"kv_attention_forward"}
+    assert fused.kv_attention_forward is reference.kv_attention_forward
+    assert fused.options["buffer_pool"] is True
+
+
+def owner(a):
+    """The object that owns an array's memory (the end of its chain of bases)."""
+    while isinstance(a, np.ndarray) and a.base is not None:
+        a = a.base
+    return a
+
+
+def test_backends_with_different_options_coexist(monkeypatch):
+    # two backends in one process, each reading its own options on every call
+    calls = []
+    monkeypatch.setattr(sgemm, "sgemm", lambda *a, _f=sgemm.sgemm: calls.append(1) or _f(*a))
+    own = contract.get_backend("fused", own_sgemm=True, buffer_pool=True)
+    blas = contract.get_backend("fused", own_sgemm=False, buffer_pool=False)
+    assert own.options["own_sgemm"] and not blas.options["own_sgemm"]
+    x, w = normal(4, 130, 128), normal(128, 256)                      # a shape own takes
+    for backend, want_calls in ((own, [1]), (blas, []), (own, [1])):
+        calls.clear()
+        out, _ = backend.linear_forward(x, w)
+        assert calls == want_calls
+        close(out, x @ w, np.float32)
+    big = normal(4, 130, 1024)                                        # 2 MiB: pooled
+    pooled, _ = own.squared_relu_forward(big)
+    fresh, _ = blas.squared_relu_forward(big)
+    assert isinstance(owner(pooled), memory.BufferPool._Lease)
+    assert isinstance(owner(fresh), np.ndarray)                        # plain np.empty
+    np.testing.assert_array_equal(pooled, fresh)
+
+
+def test_an_unknown_option_is_a_user_error():
+    from randygpt.errors import UserError
+    with pytest.raises(UserError) as e:
+        contract.get_backend("fused", own_sgem=False)
+    assert e.value.field == "backend" and "own_sgem" in str(e.value)
+
+
+def test_backends_share_one_buffer_pool_unless_given_their_own():
+    private = memory.BufferPool(min_bytes=0)
+    a = contract.get_backend("fused", buffer_pool=private)
+    out, _ = a.squared_relu_forward(normal(3, 4))                      # tiny, yet pooled
+    assert sum(map(len, private.free.values())) == 0
+    del out, _
+    assert sum(map(len, private.free.values())) == 1                   # back in its free list
+    assert contract.get_backend("fused").options["buffer_pool"] is True   # memory.SHARED
+
+
+# --------------------------------------------------------------------------------------------
+# AdamW: one fused pass == the readable update
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_adamw_matches_adamw(dtype):
@@ -202,7 +285,7 @@ def test_fused_adamw_matches_adamw(dtype):
     mask = (RNG.random(10_001) < 0.8).astype(dtype)
     ref, fast = p0.copy(), p0.copy()
     ref_opt = AdamW(ref, mask, 0.9, 0.95, eps=1e-8, weight_decay=0.1)
-    fast_opt = FusedAdamW(fast, mask, 0.9, 0.95, eps=1e-8, weight_decay=0.1)
+    fast_opt = AdamW(fast, mask, 0.9, 0.95, eps=1e-8, weight_decay=0.1, backend=fused)
     for t in range(1, 8):
         g = normal(10_001, dtype=dtype)
         ref_opt.step(g.copy(), 1e-2 * t)
@@ -219,9 +302,9 @@ def test_fused_adamw_matches_adamw(dtype):
 CFG = dict(vocab_size=9, block_size=6, n_layer=2, n_embd=8, n_head=2, dropout=0.25)
 
 
-def rough_model(dtype, ops, seed=0):
+def rough_model(dtype, backend, seed=0):
     """Large random weights, as in test_model, so every path carries gradient."""
-    m = GPT(ModelConfig(**CFG), seed=None, dtype=dtype, ops=ops)
+    m = GPT(ModelConfig(**CFG), seed=None, dtype=dtype, backend=backend)
     rng = np.random.default_rng(seed)
     for name, shape in m.params.shapes:
         m.params[name][...] = (1.0 if name.endswith(".g") else 0.0) + rng.normal(0, 0.5, shape)
@@ -244,7 +327,7 @@ def test_whole_model_gradient_through_fast_path_matches_finite_differences():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fast_model_matches_reference_model(dtype):
-    ref, fast = rough_model(dtype, reference), rough_model(dtype, fused)
+    ref, fast = rough_model(dtype, "reference"), rough_model(dtype, fused)
     rng = np.random.default_rng(3)
     x, y = rng.integers(0, 9, (4, 6)), rng.integers(0, 9, (4, 6))
     y[0, 3:] = -1
@@ -259,11 +342,12 @@ def test_fast_model_matches_reference_model(dtype):
     close(logits_fast, logits_ref, dtype)
 
 
-def train_losses(ops, optimizer, steps=25):
+def train_losses(backend, steps=25):
     """A short float32 run with dropout: the loss of every step, from one seed."""
     cfg = ModelConfig(vocab_size=20, block_size=32, n_layer=2, n_embd=32, n_head=4, dropout=0.1)
-    model = GPT(cfg, seed=0, ops=ops)
-    opt = optimizer(model.params.flat, model.decay_mask(), 0.9, 0.99, weight_decay=0.01)
+    model = GPT(cfg, seed=0, backend=backend)
+    opt = AdamW(model.params.flat, model.decay_mask(), 0.9, 0.99, weight_decay=0.01,
+                backend=model.backend)
     data_rng, drop_rng = np.random.default_rng(1), np.random.default_rng(2)
     text = np.tile(np.arange(20), 50)                               # learnable: a cycle
     losses = []
@@ -278,11 +362,11 @@ def train_losses(ops, optimizer, steps=25):
 
 
 @pytest.mark.parametrize("pool_everything", [False, True])
-def test_training_curve_fast_equals_reference(pool_everything, monkeypatch):
-    if pool_everything:      # every array recycled (normally only >= 1 MiB): lifetimes hold
-        monkeypatch.setattr(fused, "_empty", fused._BufferPool(min_bytes=0).empty)
-    ref = train_losses(reference, AdamW)
-    fast = train_losses(fused, FusedAdamW)
+def test_training_curve_fast_equals_reference(pool_everything):
+    # pool_everything: every array recycled (normally only >= 1 MiB): lifetimes hold
+    pool = memory.BufferPool(min_bytes=0) if pool_everything else True
+    ref = train_losses("reference")
+    fast = train_losses(contract.get_backend("fused", buffer_pool=pool))
     assert ref[-1] < ref[0] - 0.5                                   # it does learn
     np.testing.assert_allclose(fast, ref, rtol=2e-4)
 
@@ -299,7 +383,8 @@ def test_generation_path_does_not_import_numba():
 
 def test_own_sgemm_can_be_switched_off_from_the_environment():
     import os
-    code = "from randygpt.ops import sgemm; print(sgemm.USE_OWN_SGEMM, sgemm._host_has_avx512())"
+    code = ("from randygpt.ops import contract; from randygpt.ops.fused import sgemm; "
+            "print(contract.get_backend('fused').options['own_sgemm'], sgemm._host_has_avx512())")
     for value in ("0", "1"):
         env = dict(os.environ, RANDYGPT_OWN_SGEMM=value)
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -337,7 +422,7 @@ def test_thread_policy_is_in_place_before_numpy_loads():
 
 
 def test_buffer_pool_reuses_memory_only_after_every_view_is_gone():
-    pool = fused._BufferPool(min_bytes=64)
+    pool = memory.BufferPool(min_bytes=64)
     a = pool.empty((4, 8), np.float32)
     view = a.reshape(32)[3:]                     # NumPy makes view.base the memory's owner
     address = a.__array_interface__["data"][0]

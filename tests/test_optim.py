@@ -4,14 +4,18 @@ import math
 import numpy as np
 import pytest
 
+from randygpt.ops.contract import get_backend
 from randygpt.optim import AdamW, clip_grad_norm, lr_at
 
 
-def test_adamw_matches_textbook_formula():
+@pytest.mark.parametrize("backend", [None, "reference", "fused"])
+def test_adamw_matches_textbook_formula(backend):
     rng = np.random.default_rng(0)
     p = rng.normal(size=10)
     mask = np.array([1.0] * 6 + [0.0] * 4)            # last four: "norm gains", no decay
-    opt = AdamW(p, mask, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    opt = AdamW(p, mask, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
+                backend=None if backend is None else get_backend(backend))
+    assert opt.backend.name == (backend or "reference")
     ref, m, v = p.copy(), np.zeros(10), np.zeros(10)
     for t in range(1, 6):
         g = rng.normal(size=10)
@@ -23,6 +27,12 @@ def test_adamw_matches_textbook_formula():
         ref = ref - lr * (mhat / (np.sqrt(vhat) + 1e-8) + 0.1 * mask * ref)
     np.testing.assert_allclose(p, ref, rtol=1e-12)
     assert opt.step_count == 5
+    assert opt.m.shape == opt.v.shape == p.shape            # what checkpoints save
+
+
+def test_adamw_takes_a_backend_name():
+    p = np.zeros(3)
+    assert AdamW(p, np.ones(3), backend="fused").backend.own >= {"adamw_update"}
 
 
 def test_clip_grad_norm_scales_only_when_above():

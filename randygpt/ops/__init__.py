@@ -1,1 +1,2 @@
-"""Layer math: forward/backward pairs. `reference` is the readable NumPy version."""
+"""Layer math: forward/backward pairs. `contract` lists the ops and their calling convention,
+`reference` is the readable NumPy version, `fused/` the numba kernels of the training path."""

@@ -13,8 +13,9 @@ on every training shape. Two drivers:
     order (the same result for any thread count); blocks of A and B are packed into panels
     contiguous in k first.
 
-`takes_rows` / `takes_deep` say where each beats OpenBLAS (measured); ops/fused.py uses them
-when USE_OWN_SGEMM (an AVX-512 host). Tested against NumPy's matmul in tests/test_fused.py.
+`takes_rows` / `takes_deep` say where each beats OpenBLAS (measured); fused/linear.py uses them
+when the backend's own_sgemm option is on (by default: an AVX-512 host, `own_sgemm_default`).
+Tested against NumPy's matmul in tests/test_fused.py.
 """
 from __future__ import annotations
 
@@ -22,24 +23,9 @@ import os
 
 import numba
 import numpy as np
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit, prange
 
-_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}     # as in ops/fused.py
-numba.config.SLP_VECTORIZE = 1        # as in ops/fused.py: read at each compilation
-
-
-def stack_block(n):
-    """An intrinsic giving a pointer to n scratch values of a dtype on the stack (an alloca,
-    which LLVM promotes to registers when every index into it is a constant)."""
-    @intrinsic
-    def alloca_block(typingctx, dtype):
-        def codegen(context, builder, signature, args):
-            size = context.get_constant(types.intp, n)
-            return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=size)
-        return types.CPointer(dtype.dtype)(dtype), codegen
-    return alloca_block
+from .jit import FASTMATH as _FASTMATH, stack_block
 
 
 _GEMM_ROWS, _GEMM_COLS = 6, 64        # the block of C one micro-kernel call keeps in registers
@@ -55,8 +41,10 @@ def _host_has_avx512() -> bool:
         return False
 
 
-# RANDYGPT_OWN_SGEMM=0 keeps every product on OpenBLAS (to compare, or if a CPU misbehaves)
-USE_OWN_SGEMM = _host_has_avx512() and os.environ.get("RANDYGPT_OWN_SGEMM", "1") != "0"
+def own_sgemm_default() -> bool:
+    """The fused backend's own_sgemm default: on where the CPU has AVX-512, unless
+    RANDYGPT_OWN_SGEMM=0 (every product on OpenBLAS: to compare, or if a CPU misbehaves)."""
+    return _host_has_avx512() and os.environ.get("RANDYGPT_OWN_SGEMM", "1") != "0"
 
 
 @njit(inline="always")
