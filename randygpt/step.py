@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .optim import clip_grad_norm
+from .optim import AdamW, clip_grad_norm
 
 
 @dataclass(frozen=True)
@@ -35,13 +35,6 @@ def train_step(model, optimizer, x, y, lr: float, *, grad_clip: float, dropout_r
 
 
 def make_optimizer(model, tcfg, backend):
-    """The AdamW of a training run: the one place the optimizer is chosen."""
-    from . import optim
-    if hasattr(optim, "FusedAdamW"):
-        # MERGE: until optim.AdamW takes backend= (the ops branch), the fused backend's update
-        # is FusedAdamW; afterwards only the line below remains
-        cls = optim.FusedAdamW if backend.name == "fused" else optim.AdamW
-        return cls(model.params.flat, model.decay_mask(), tcfg.beta1, tcfg.beta2,
-                   weight_decay=tcfg.weight_decay)
-    return optim.AdamW(model.params.flat, model.decay_mask(), tcfg.beta1, tcfg.beta2,
-                       weight_decay=tcfg.weight_decay, backend=backend)
+    """The AdamW of a training run, its update on `backend`: the one place it is chosen."""
+    return AdamW(model.params.flat, model.decay_mask(), tcfg.beta1, tcfg.beta2,
+                 weight_decay=tcfg.weight_decay, backend=backend)
