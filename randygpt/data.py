@@ -41,9 +41,11 @@ def builtin_sample_text() -> str:
 def read_text(path: str) -> str:
     """Read a UTF-8 text file, or raise a UserError that says what is wrong with it."""
     if not os.path.exists(path):
-        raise UserError(f"data file {path!r} does not exist; pass --data PATH to a UTF-8 text file")
+        raise UserError(f"data file {path!r} does not exist; pass {{field}} PATH to a UTF-8 "
+                        "text file", "data")
     if os.path.isdir(path):
-        raise UserError(f"data path {path!r} is a directory; pass --data PATH to a text file")
+        raise UserError(f"data path {path!r} is a directory; pass {{field}} PATH to a text file",
+                        "data")
     with open(path, "rb") as f:
         raw = f.read()
     if not raw.strip():
@@ -75,8 +77,8 @@ def split_text(text: str, separator: str | None) -> list[str]:
     if separator is None:
         return [text]
     if not separator:
-        raise UserError("--doc-separator is empty; give the string between documents, "
-                        r"e.g. '\n\n' for a blank line")
+        raise UserError("{field} is empty; give the string between documents, "
+                        r"e.g. '\n\n' for a blank line", "doc_separator")
     docs = [d for d in text.split(separator) if d]
     if not docs:
         raise UserError(f"the text holds nothing but the separator {separator!r}")
@@ -274,7 +276,7 @@ def _check_long_enough(n: int, n_val: int, block_size: int, source: str) -> None
         raise UserError(
             f"{source} is too short: {n} tokens gives a validation split of {n_val}, "
             f"but a window needs block_size+1 = {need}; use more text (at least "
-            f"{need * 10} tokens) or a smaller --block")
+            f"{need * 10} tokens) or a smaller {{field}}", "block_size")
 
 
 # --------------------------------------------------------------------------------------------

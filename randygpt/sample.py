@@ -145,20 +145,3 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
                         "prompt")
     return [int(i) for i in tokenizer.encode(prompt)]
 
-
-def generate_simple(model, prompt_ids, max_new_tokens, rng, temperature=1.0, stop_id=None):
-    """TEMPORARY shim for train.py during the redesign; removed when train.py uses session."""
-    from .session import Session
-    session = Session(model, _IdsOnly(stop_id), 1)
-    session.submit(list(prompt_ids), max_new_tokens, SamplingConfig(temperature), (), rng)
-    ids = []
-    while session.active:
-        ids += [e.token for e in session.step() if e.token is not None]
-    return ids
-
-
-class _IdsOnly:
-    kind, chars = "char", ""
-
-    def __init__(self, eos_id):
-        self.eos_id = eos_id

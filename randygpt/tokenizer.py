@@ -36,7 +36,7 @@ class CharTokenizer:
         if len(self.chars) + 2 > MAX_CHAR_VOCAB:
             raise UserError(
                 f"the text has {len(self.chars)} distinct characters; the char tokenizer takes at "
-                f"most {MAX_CHAR_VOCAB - 2}: use a BPE tokenizer (--bpe) for this text")
+                f"most {MAX_CHAR_VOCAB - 2}: use a BPE tokenizer ({{field}}) for this text", "bpe")
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         self.bos_id = len(self.chars)
         self.eos_id = len(self.chars) + 1
@@ -112,15 +112,15 @@ class BPETokenizer:
         self.eos_id = self._tok.token_to_id(EOS_TOKEN)
         if self.bos_id is None or self.eos_id is None:
             raise UserError(f"the stored BPE tokenizer has no {BOS_TOKEN} / {EOS_TOKEN} tokens; "
-                            "it was not made by randyGPT: train a new one with --bpe")
+                            "it was not made by randyGPT: train a new one with {field}", "bpe")
 
     @classmethod
     def train(cls, texts, vocab_size: int = DEFAULT_BPE_VOCAB) -> "BPETokenizer":
         """Learn merges from `texts` (a string or a list of documents; merges never span
         two of them) up to vocab_size ids: 256 bytes + BOS + EOS + merges."""
         if vocab_size < MIN_BPE_VOCAB:
-            raise UserError(f"--bpe {vocab_size} is too small: a byte-level vocabulary needs "
-                            f"at least {MIN_BPE_VOCAB} ids (256 bytes + BOS + EOS)")
+            raise UserError(f"{{field}} {vocab_size} is too small: a byte-level vocabulary needs "
+                            f"at least {MIN_BPE_VOCAB} ids (256 bytes + BOS + EOS)", "bpe")
         tk = _import_tokenizers()
         tok = tk.Tokenizer(tk.models.BPE())
         tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

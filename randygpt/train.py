@@ -33,7 +33,8 @@ from .model import GPT
 from .ops.contract import get_backend
 from .optim import lr_at
 from .runs import RunPlan
-from .sample import generate_simple
+from .sample import SamplingConfig
+from .session import complete
 from .step import make_optimizer, train_step
 from .tokenizer import BPETokenizer, CharTokenizer
 
@@ -177,10 +178,10 @@ def train(plan: RunPlan, *, backend="fused", sample_tokens: int = 300,
         return result
     if sample_tokens <= 0:
         return result
-    ids = generate_simple(model, [tokenizer.bos_id], sample_tokens,
-                          np.random.default_rng(tcfg.seed), temperature=0.8,
-                          stop_id=tokenizer.eos_id)
-    return replace(result, sample=tokenizer.decode(ids))
+    sample = complete(model, tokenizer, "", max_tokens=sample_tokens,
+                      sampling=SamplingConfig(temperature=0.8),
+                      rng=np.random.default_rng(tcfg.seed))
+    return replace(result, sample=sample)
 
 
 class Reporter:
