@@ -96,13 +96,17 @@ def test_masked_tokens_are_never_drawn_even_at_the_top_of_the_range():
     assert sample_token(logits, SamplingConfig(), AlmostOne()) == 3
 
 
-@pytest.mark.parametrize("kwargs, fragment", [
-    (dict(temperature=-0.1), "--temperature"), (dict(temperature=math.nan), "--temperature"),
-    (dict(top_p=0.0), "--top-p"), (dict(top_p=1.5), "--top-p"), (dict(top_p=-1), "--top-p"),
-    (dict(top_k=-2), "--top-k")])
-def test_bad_sampling_settings_are_user_errors(kwargs, fragment):
-    with pytest.raises(UserError, match=fragment):
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(temperature=-0.1), "temperature"), (dict(temperature=math.nan), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_p=-1), "top_p"),
+    (dict(top_k=-2), "top_k")])
+def test_bad_sampling_settings_are_user_errors_naming_the_field(kwargs, field):
+    with pytest.raises(UserError) as e:
         SamplingConfig(**kwargs).validate()
+    value = next(iter(kwargs.values()))
+    assert e.value.field == field and str(e.value).startswith(f"{field} {value} must")
+    assert e.value.render(lambda f: "--" + f.replace("_", "-")).startswith(
+        f"--{field.replace('_', '-')} {value} must")
 
 
 # --------------------------------------------------------------------------------------------
