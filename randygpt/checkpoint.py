@@ -65,6 +65,7 @@ class CheckpointMeta:
     data: DataInfo | None = None
     rng: dict | None = None                # {"batch": state, "dropout": state}
     fine_tuned_from: str | None = None     # the checkpoint a fine-tune started from
+    ranks: int | None = None               # MPI ranks that trained it (None: one process)
     optimizer_step: int | None = None      # written from the optimizer itself
     num_params: int | None = None          # written from the model itself
     format_version: int = FORMAT_VERSION

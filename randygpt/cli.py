@@ -91,6 +91,10 @@ def _add_train(sub) -> None:
     k.add_argument("--doc-separator", metavar="STRING", default=None,
                    help="split the text into documents at STRING (\\n, \\t, \\\\ are "
                    "escapes, e.g. '\\n\\n' for a blank line); no training window spans two")
+    m = t.add_argument_group("several processes: mpiexec -n N randygpt train ...")
+    m.add_argument("--comm-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="end the job when the other ranks have not answered for SECONDS "
+                   "(a rank died or hangs; rank 0 evaluates alone meanwhile) (default 600)")
 
 
 _CONFIG_FLAGS = {f.name: f for cls in (ModelConfig, TrainConfig) for f in flag_fields(cls)}
@@ -111,16 +115,40 @@ def flag_of(field: str) -> str:
 
 
 def cmd_train(args) -> int:
+    from .distributed import open_world
     from .runs import plan_run
     from .train import train
+    world = open_world(args.comm_timeout)         # this process alone unless under mpiexec
     given = {name: getattr(args, name) for name in _CONFIG_FLAGS if hasattr(args, name)}
-    plan = plan_run(given, preset=args.preset, resume=args.resume, fine_tune=args.fine_tune,
-                    data_path=args.data, out_dir=args.out, runs_dir="runs",
-                    bpe_vocab_size=args.bpe, doc_separator=None if args.doc_separator is None
-                    else _unescape(args.doc_separator))
-    result = train(plan, backend=args.backend, sample_tokens=max(0, args.sample_tokens),
-                   progress=False if args.no_progress else None)
+    try:
+        plan = world.together(lambda: plan_run(
+            given, preset=args.preset, resume=args.resume, fine_tune=args.fine_tune,
+            data_path=args.data, out_dir=args.out, runs_dir="runs", bpe_vocab_size=args.bpe,
+            doc_separator=None if args.doc_separator is None else _unescape(args.doc_separator)))
+        result = train(plan, backend=args.backend, sample_tokens=max(0, args.sample_tokens),
+                       progress=False if args.no_progress else None, world=world)
+    except BaseException as e:
+        if world.size > 1 and not getattr(e, "agreed", False):
+            _end_job(world, e)                   # the other ranks would wait for this one
+        raise
+    if not world.is_root:
+        return 128 + result.signal if result.signal is not None else 0
     return _finish_train(result, plan.out_dir)
+
+
+def _end_job(world, e: BaseException) -> None:
+    """An error on this rank alone, mid-run: say so in one line, then end every rank."""
+    if isinstance(e, UserError):
+        what, code = e.render(flag_of), 2
+    elif isinstance(e, KeyboardInterrupt):
+        what, code = "interrupted", 130
+    else:
+        import traceback
+        traceback.print_exc()
+        what, code = f"{type(e).__name__}: {e}", 1
+    print(f"randygpt train: error: rank {world.rank}: {what}; ending every rank",
+          file=sys.stderr)
+    world.abort(code)
 
 
 def _finish_train(result, out) -> int:
@@ -342,7 +370,8 @@ def main(argv=None) -> int:
     try:
         return handlers[args.command](args)
     except UserError as e:
-        print(f"randygpt {args.command}: error: {e.render(flag_of)}", file=sys.stderr)
+        if not getattr(e, "quiet", False):     # of several MPI ranks, one says it
+            print(f"randygpt {args.command}: error: {e.render(flag_of)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"randygpt {args.command}: interrupted", file=sys.stderr)

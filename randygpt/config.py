@@ -88,8 +88,10 @@ class ModelConfig(_Config):
 class TrainConfig(_Config):
     iters: int = setting(2000, "total training iterations (the target when resuming)",
                          positive=True)
-    batch_size: int = setting(32, "sequences per step", flag="batch", preset=True,
-                              positive=True)
+    batch_size: int = setting(32, "sequences per micro-batch (per rank under mpiexec)",
+                              flag="batch", preset=True, positive=True)
+    grad_accum: int = setting(1, "micro-batches per step and rank, their gradients summed: the "
+                              "step's batch is batch x grad-accum x ranks", positive=True)
     lr: float = setting(1e-3, "peak learning rate")
     min_lr: float = setting(1e-4, "learning rate at the end of the cosine decay")
     warmup: int = setting(100, "linear warmup iterations")
@@ -105,7 +107,7 @@ class TrainConfig(_Config):
                         "losses")
 
     def validate(self) -> None:
-        for name in ("iters", "batch_size", "eval_interval", "eval_iters"):
+        for name in ("iters", "batch_size", "grad_accum", "eval_interval", "eval_iters"):
             if getattr(self, name) < 1:
                 raise UserError(f"{{field}} {getattr(self, name)} must be at least 1", name)
         if not self.lr > 0:

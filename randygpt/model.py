@@ -154,9 +154,10 @@ class GPT:
         return getattr(self.ops, self.cfg.activation + "_backward")(dout, cache)[0]
 
     # ----------------------------------------------------------------------------------------
-    def block_forward(self, x, i, drop=0.0, rng=None, kv=None):
+    def block_forward(self, x, i, drop=0.0, rng=None, kv=None, row0=0):
         """x (B, T, C) -> block i's output (B, T, C), and its BlockCache. `kv`: generation's
-        attention over a KV cache (KVCache.prefill_view / decode_view) instead of training's."""
+        attention over a KV cache (KVCache.prefill_view / decode_view) instead of training's.
+        `row0`: x is rows row0.. of a bigger batch (their dropout masks are those rows')."""
         ops, h, c = self.ops, f"h.{i}.", BlockCache()
         # attention half: x1 = x + dropout(proj(attention(qkv(norm(x)))))
         xn1, c.ln1 = self.norm_forward(x, h + "ln1")                           # (B, T, C)
@@ -166,13 +167,13 @@ class GPT:
         else:
             y = kv.attend(ops, i, qkv)
         a, c.attn_proj = self.linear_forward(y, h + "attn.proj")               # (B, T, C)
-        x1, c.attn_dropout = ops.residual_dropout_forward(x, a, drop, rng)     # x + dropout(a)
+        x1, c.attn_dropout = ops.residual_dropout_forward(x, a, drop, rng, row0)  # x + dropout(a)
         # MLP half: x2 = x1 + dropout(proj(act(fc(norm(x1)))))
         xn2, c.ln2 = self.norm_forward(x1, h + "ln2")                          # (B, T, C)
         hid, c.fc = self.linear_forward(xn2, h + "mlp.fc")                     # (B, T, 4C)
         act, c.act = self.act_forward(hid)                                     # (B, T, 4C)
         m, c.mlp_proj = self.linear_forward(act, h + "mlp.proj")               # (B, T, C)
-        x2, c.mlp_dropout = ops.residual_dropout_forward(x1, m, drop, rng)     # x1 + dropout(m)
+        x2, c.mlp_dropout = ops.residual_dropout_forward(x1, m, drop, rng, row0)  # x1 + dropout(m)
         return x2, c
 
     def block_backward(self, dx2, i, c: BlockCache):
@@ -201,10 +202,11 @@ class GPT:
         return dx + self.norm_backward(dxn1, c.ln1, h + "ln1")
 
     # ----------------------------------------------------------------------------------------
-    def forward(self, idx, targets=None, rng=None):
+    def forward(self, idx, targets=None, rng=None, row0=0):
         """idx (B, T) ints -> logits (B, T, V), and the mean loss when targets are given.
 
-        `rng` drives dropout; None means evaluation (no dropout). The activations needed by
+        `rng` drives dropout; None means evaluation (no dropout); `row0`: idx is rows row0..
+        of a bigger batch (a micro-batch, a rank's share). The activations needed by
         `backward` are kept only when targets are given.
         """
         cfg, ops = self.cfg, self.ops
@@ -215,7 +217,7 @@ class GPT:
         x, emb = ops.embedding_forward(self.params["wte"], self.params["wpe"], idx)  # (B,T,C)
         blocks = []
         for i in range(cfg.n_layer):
-            x, cache = self.block_forward(x, i, drop, rng)
+            x, cache = self.block_forward(x, i, drop, rng, row0=row0)
             blocks.append(cache)
         xf, lnf = self.norm_forward(x, "ln_f")                                 # (B, T, C)
         logits, head = self.linear_forward(xf, "lm_head")                      # (B, T, V)
@@ -226,13 +228,14 @@ class GPT:
         self._cache = (emb, blocks, lnf, head, ce)
         return logits, float(loss)
 
-    def backward(self):
-        """Gradient of the last forward's mean loss w.r.t. every parameter, into self.grads."""
+    def backward(self, dloss=1.0):
+        """Gradient of dloss x the last forward's mean loss w.r.t. every parameter, into
+        self.grads (dloss: a micro-batch's share of the step's targets)."""
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() with targets first")
         emb, blocks, lnf, head, ce = self._cache
         g = self.grads
-        dlogits, = self.ops.cross_entropy_backward(1.0, ce)                    # (B, T, V)
+        dlogits, = self.ops.cross_entropy_backward(dloss, ce)                    # (B, T, V)
         dxf = self.linear_backward(dlogits, head, "lm_head")
         dx = self.norm_backward(dxf, lnf, "ln_f")
         for i in reversed(range(self.cfg.n_layer)):

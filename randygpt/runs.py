@@ -26,6 +26,9 @@ from .data import builtin_sample_text, read_text
 from .errors import UserError
 
 SHAPE = ("n_layer", "n_embd", "n_head", "block_size")
+# A resume may change the iteration target and the micro-batches per rank (with a different
+# number of MPI ranks, --grad-accum can keep the step's batch: batch x grad_accum x ranks).
+RESUME_MAY_SET = ("iters", "grad_accum")
 # On the ~5 KB built-in sample the small preset's val loss is lowest after ~150 iterations and
 # then climbs as it memorises the text (measured: 2.25 at 150, 2.65 at 300, 3.54 at 500 of a
 # 2000-iteration run): a demo run stops near the minimum.
@@ -137,10 +140,10 @@ def _resume(chosen, preset, ckpt, text, data_path, out_dir, doc_separator) -> Ru
         raise UserError(f"{ckpt.path} holds weights only (no optimizer or training state), so "
                         "it cannot be resumed; use {field} PATH to start from it", "fine_tune")
     theirs = {**ckpt.model_config.to_dict(), **ckpt.train_config.to_dict()}
-    _refuse_contradictions(preset, chosen, theirs, [k for k in theirs if k != "iters"],
-                           ckpt.path, "on resume the checkpoint's configuration is used: drop "
+    _refuse_contradictions(preset, chosen, theirs,
+                           [k for k in theirs if k not in RESUME_MAY_SET], ckpt.path, "on resume the checkpoint's configuration is used: drop "
                            "the flag, or start a new run (or fine-tune) to change it")
-    tcfg = replace(ckpt.train_config, iters=chosen.get("iters", ckpt.train_config.iters))
+    tcfg = replace(ckpt.train_config, **{k: chosen[k] for k in RESUME_MAY_SET if k in chosen})
     if ckpt.iter >= tcfg.iters:
         raise UserError(f"{ckpt.path} is already at iteration {ckpt.iter}; {{field}} is the "
                         f"total target, so pass {{field}} larger than {ckpt.iter} to train more",

@@ -13,6 +13,9 @@ is the case this policy exists for. They only fill in what the
 user has not set: an exported variable always wins. The libraries read them once, when they
 load, which is why randygpt/__init__.py calls `apply()` before importing anything else (a
 program that imports NumPy before randygpt keeps OpenBLAS's own default).
+
+Ranks of an MPI job on one machine (`mpiexec -n N`) share its cores: each rank gets
+cores // N threads in each pool (at least one), so N ranks do not run N x cores threads.
 """
 from __future__ import annotations
 
@@ -28,10 +31,35 @@ DEFAULTS = {
 }
 
 
+# Thread counts of OpenBLAS, numba and OpenMP, read when each loads.
+THREAD_COUNTS = ("OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS")
+# Set by MPI launchers in each rank: job size (MPICH/Hydra, Open MPI, PMIx) and ranks per machine
+_MPI_SIZE = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
+_MPI_LOCAL_SIZE = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
+
+
+def launched_by_mpi(environ=os.environ) -> bool:
+    """Whether an MPI launcher (mpiexec) started this process."""
+    return any(name in environ for name in _MPI_SIZE)
+
+
+def ranks_on_this_machine(environ=os.environ) -> int:
+    for name in _MPI_LOCAL_SIZE:
+        if environ.get(name, "").isdigit():
+            return max(1, int(environ[name]))
+    return 1
+
+
 def apply(environ=os.environ) -> dict:
     """Set each default the environment does not already have; return the ones set."""
     applied = {}
-    for name, value in DEFAULTS.items():
+    local = ranks_on_this_machine(environ) if launched_by_mpi(environ) else 1
+    defaults = dict(DEFAULTS)
+    if local > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        defaults.update({name: str(max(1, cores // local)) for name in THREAD_COUNTS})
+    for name, value in defaults.items():
         if name not in environ:
             environ[name] = value
             applied[name] = value

@@ -10,6 +10,10 @@
      signals: SIGINT / SIGTERM only set a flag, the loop finishes its step, writes a checkpoint
      and returns with `signal` set (the CLI exits 130 / 143). Between evaluations nothing
      touches the disk.
+
+Under mpiexec (a `world` of N ranks, distributed.py) every rank runs this loop on its share of
+each step's batch; rank 0 alone evaluates, writes and prints, and the ranks agree on the loss
+and on stopping after every step.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import numpy as np
 
 from .checkpoint import (BEST, LATEST, CheckpointMeta, DataInfo, encode_checkpoint,
                          restore_optimizer, rng_from_state, rng_state, write_atomic)
+from .distributed import World
 from .data import (Split, bits_per_char, get_batch, load_documents, split_documents,
                    split_text)
 from .errors import UserError
@@ -90,7 +95,7 @@ def estimate_loss(model: GPT, tokens, tcfg, seed: int) -> float:
 
 
 def prepare(plan: RunPlan, backend="fused", progress: bool | None = None,
-            log=print) -> PreparedRun:
+            log=print, world: World | None = None) -> PreparedRun:
     """Tokenizer, data, model and optimizer of the plan, restored from its checkpoint."""
     for line in plan.notices:
         log(line)
@@ -133,6 +138,12 @@ def prepare(plan: RunPlan, backend="fused", progress: bool | None = None,
         run.best_val_loss = float("inf") if meta.best_val_loss is None else meta.best_val_loss
         run.fine_tuned_from = meta.fine_tuned_from
         log(f"resuming from {plan.resume.path} at iteration {run.start_iter} of {tcfg.iters}")
+        ranks, size = meta.ranks or 1, (world or World()).size
+        if ranks != size:
+            log(f"note: the checkpoint was trained on {ranks} rank(s), this run has {size}: a "
+                f"step's batch is now {tcfg.batch_size * tcfg.grad_accum * size} rows (batch x "
+                "grad-accum x ranks); the run goes on from the same state but no longer "
+                "repeats an uninterrupted one")
     elif plan.fine_tune is not None:
         run.fine_tuned_from = os.path.abspath(plan.fine_tune.path)
         log(f"fine-tuning from {plan.fine_tune.path} (iteration {plan.fine_tune.iter} there)")
@@ -144,31 +155,45 @@ def prepare(plan: RunPlan, backend="fused", progress: bool | None = None,
 
 
 def train(plan: RunPlan, *, backend="fused", sample_tokens: int = 300,
-          progress: bool | None = None, log=print, stop_after: int | None = None) -> TrainResult:
+          progress: bool | None = None, log=print, stop_after: int | None = None,
+          world: World | None = None) -> TrainResult:
     """Train the plan to plan.train.iters total iterations on `backend` (a name or a Backend).
     `stop_after`: stop as a signal would, after that many total iterations (for scripted runs
-    and tests). `progress`: a bar (None: when stderr is a terminal)."""
-    run = prepare(plan, backend, progress, log)
+    and tests). `progress`: a bar (None: when stderr is a terminal). `world`: the ranks of an
+    MPI job (distributed.open_world); None: this process alone."""
+    world = world or World()
+    if not world.is_root:                 # the other ranks print only errors
+        log, progress = _silent, False
+    run = world.together(lambda: prepare(plan, backend, progress, log, world))
     model, tcfg, tokenizer = run.model, plan.train, run.tokenizer
-    tokens_per_iter = tcfg.batch_size * model.cfg.block_size
+    rows = tcfg.batch_size * tcfg.grad_accum          # this rank's share of a step's batch
+    mine = slice(world.rank * rows, (world.rank + 1) * rows)
+    tokens_per_iter = rows * world.size * model.cfg.block_size
     train_time = 0.0
     # overflow warnings would bury the one-line divergence error: the loop checks every loss
-    with Reporter(run, progress, log) as report, np.errstate(over="ignore", invalid="ignore"):
+    with Reporter(run, progress, log, world) as report, \
+            np.errstate(over="ignore", invalid="ignore"):
         for it in range(run.start_iter, tcfg.iters):
             lr = lr_at(it, tcfg.iters, tcfg.lr, tcfg.min_lr, tcfg.warmup, tcfg.decay_frac)
             t0 = time.perf_counter()
-            x, y = get_batch(run.split.train, tcfg.batch_size, model.cfg.block_size,
+            # the step's whole batch, drawn alike on every rank: a row's data is its row's
+            x, y = get_batch(run.split.train, rows * world.size, model.cfg.block_size,
                              run.batch_rng)
-            step = train_step(model, run.optimizer, x, y, lr, grad_clip=tcfg.grad_clip,
-                              dropout_rng=run.dropout_rng,
-                              check_loss=lambda loss: report.check("loss", loss, it))
+            step = train_step(model, run.optimizer, x[mine], y[mine], lr,
+                              grad_clip=tcfg.grad_clip, dropout_rng=run.dropout_rng,
+                              check_loss=lambda loss: report.check("loss", loss, it),
+                              micro_batches=tcfg.grad_accum, row0=mine.start,
+                              n_targets=int((y >= 0).sum()),
+                              grad_hook=world.reduce_gradients if world.size > 1 else None)
+            loss, signum = world.exchange(step.loss, report.signum)
             done = it + 1
             train_time += time.perf_counter() - t0
             tok_s = tokens_per_iter * (done - run.start_iter) / train_time
-            report.stepped(done, step.loss, lr, tok_s)
+            report.stepped(done, loss, lr, tok_s)
             if done % tcfg.eval_interval == 0 or done == tcfg.iters:
                 report.evaluate(done, lr, tok_s)
-            if report.signum is not None or done == stop_after:
+            if signum is not None or done == stop_after:
+                report.signum = signum if signum is not None else report.signum
                 report.stop(done)
                 break
     result = TrainResult(model, tokenizer, report.done, report.train_loss, report.val_loss,
@@ -176,7 +201,7 @@ def train(plan: RunPlan, *, backend="fused", sample_tokens: int = 300,
     if report.done < tcfg.iters:
         log(report.stopped_line())
         return result
-    if sample_tokens <= 0:
+    if sample_tokens <= 0 or not world.is_root:
         return result
     sample = complete(model, tokenizer, "", max_tokens=sample_tokens,
                       sampling=SamplingConfig(temperature=0.8),
@@ -191,8 +216,10 @@ class Reporter:
     aborts at once (KeyboardInterrupt): writes are atomic, so the last checkpoint stays whole.
     Only the main thread can own signal handlers."""
 
-    def __init__(self, run: PreparedRun, progress: bool | None, log):
+    def __init__(self, run: PreparedRun, progress: bool | None, log, world: World | None = None):
         self.run, self.log, self.progress = run, log, progress
+        self.world = world or World()
+        self.writes = self.world.is_root      # of several ranks, rank 0 alone writes
         self.out_dir = run.plan.out_dir
         self.done = run.start_iter
         self.best_val_loss = run.best_val_loss
@@ -203,7 +230,7 @@ class Reporter:
         self.start = time.perf_counter()
 
     def __enter__(self):
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.writes:
             os.makedirs(self.out_dir, exist_ok=True)
             path = os.path.join(self.out_dir, "metrics.jsonl")
             if self.run.plan.resume is not None:
@@ -234,7 +261,8 @@ class Reporter:
         """Refuse a non-finite loss: training diverged; the last good checkpoint is kept."""
         if not math.isfinite(loss):
             kept = (f"the last good checkpoint ({self.checkpoint}) is kept" if self.checkpoint
-                    else "no checkpoint of this session was written")
+                    else "no checkpoint of this session was written" if self.writes
+                    else "rank 0 keeps the last good checkpoint")
             raise UserError(f"the {what} became {loss} at iteration {it}: training diverged; "
                             f"{kept}; lower {{field}} or lengthen the warmup", "lr")
 
@@ -247,6 +275,9 @@ class Reporter:
 
     def evaluate(self, done: int, lr: float, tok_s: float) -> None:
         run, tcfg = self.run, self.run.plan.train
+        self.world.check_same_weights(run.model.params.flat, done)
+        if not self.writes:        # rank 0 evaluates alone: the others go on to the next step
+            return
         self.train_loss = estimate_loss(run.model, run.split.train, tcfg, tcfg.seed)
         self.val_loss = estimate_loss(run.model, run.split.val, tcfg, tcfg.seed + 1)
         self.check("val loss", self.val_loss, done)
@@ -275,14 +306,15 @@ class Reporter:
     def save(self, names) -> None:
         """Write the state after `done` iterations to out_dir/name for each name (one
         encoding); nothing without a run directory."""
-        if self.out_dir is None:
+        if self.out_dir is None or not self.writes:
             return
         run = self.run
         blob = encode_checkpoint(run.model, run.tokenizer, run.optimizer, CheckpointMeta(
             iter=self.done, train_config=run.plan.train, best_val_loss=self.best_val_loss,
             val_loss=self.val_loss, train_loss=self.train_loss, data=run.data,
             fine_tuned_from=run.fine_tuned_from,
-            rng={"batch": rng_state(run.batch_rng), "dropout": rng_state(run.dropout_rng)}))
+            rng={"batch": rng_state(run.batch_rng), "dropout": rng_state(run.dropout_rng)},
+            ranks=self.world.size if self.world.size > 1 else None))
         for name in names:
             write_atomic(os.path.join(self.out_dir, name), blob)
         self.checkpoint, self.saved_at = os.path.join(self.out_dir, names[0]), self.done
@@ -302,6 +334,10 @@ class Reporter:
 
 # ---------------------------------------------------------------------------------------------
 # metrics and progress
+
+def _silent(*args, **kwargs):
+    pass
+
 
 def _trim_metrics(path: str, upto_iter: int) -> None:
     if not os.path.exists(path):

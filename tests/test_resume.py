@@ -302,8 +302,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     steps = {"n": 0}
     forward = GPT.forward
 
-    def poisoned(self, idx, targets=None, rng=None):
-        logits, loss = forward(self, idx, targets, rng)
+    def poisoned(self, idx, targets=None, rng=None, **kw):
+        logits, loss = forward(self, idx, targets, rng, **kw)
         if rng is not None:                    # a training step (evaluation has no dropout rng)
             steps["n"] += 1
             if steps["n"] == 8:

@@ -12,7 +12,8 @@ Every differentiable op is a pair with one convention:
     linear             x, w                        (dx, dw)
     attention          qkv, n_head                 (dqkv,)              causal, fused q|k|v
     squared_relu       x                           (dx,)
-    residual_dropout   x, fx, p, rng               (dx, dfx)            x + dropout(fx)
+    residual_dropout   x, fx, p, rng, row0=0       (dx, dfx)            x + dropout(fx); rows
+                                                                        row0.. of a batch
     cross_entropy      logits, targets             (dlogits,)           dout is dloss (1.0)
 
 and two that have no backward:

@@ -172,6 +172,9 @@ def squared_relu_backward(dout, r):
 # storing it. The hash is two rounds of lowbias32 (C. Wellons' integer hash, a bijection of
 # uint32 with near-ideal avalanche), keyed before each round: h = mix(mix(i ^ k0) ^ k1).
 # An element is kept when h >= p * 2^32, i.e. with probability 1 - p (to 2^-32).
+# `row0` numbers the rows of a slice of a bigger batch: row b of the slice hashes the indices
+# of row row0 + b of the whole batch, so a row's mask is the same whichever process or
+# micro-batch computes it (distributed.py).
 
 def dropout_key(rng):
     """Two 32-bit keys drawn from a NumPy (or CuPy) Generator: one mask's worth of randomness."""
@@ -200,12 +203,18 @@ def check_dropout_size(n):
         raise ValueError(f"dropout hashes 32-bit indices: {n} elements is too many")
 
 
-def dropout_keep(key, shape, p, xp):
-    """The keep mask (bools of `shape`) that `key` gives at drop probability p."""
+def row_offset(shape, row0):
+    """The flat index of row `row0` of a batch whose rows have shape[1:]."""
+    return row0 * math.prod(shape[1:])
+
+
+def dropout_keep(key, shape, p, xp, row0=0):
+    """The keep mask (bools of `shape`) that `key` gives at drop probability p, for rows
+    row0, row0+1, ... of the whole batch."""
     k0, k1 = key
-    n = math.prod(shape)
-    check_dropout_size(n)
-    h = xp.arange(n, dtype=xp.uint32)
+    n, offset = math.prod(shape), row_offset(shape, row0)
+    check_dropout_size(offset + n)
+    h = xp.arange(offset, offset + n, dtype=xp.uint32)
     h ^= xp.uint32(k0)
     h = mix32(h)
     h ^= xp.uint32(k1)
@@ -213,11 +222,11 @@ def dropout_keep(key, shape, p, xp):
     return (h >= xp.uint32(dropout_threshold(p))).reshape(shape)
 
 
-def dropout_forward(x, p, rng):
+def dropout_forward(x, p, rng, row0=0):
     # rng: a Generator of x's array module; p == 0 or rng None -> identity, no mask
     if p == 0.0 or rng is None:
         return x, None
-    keep = dropout_keep(dropout_key(rng), x.shape, p, array_module(x))
+    keep = dropout_keep(dropout_key(rng), x.shape, p, array_module(x), row0)
     mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p))
     return x * mask, mask
 
@@ -231,8 +240,8 @@ def dropout_backward(dout, mask):
 # flows unchanged into x, and through the dropout mask into f(x). Fused kernels do it in
 # one pass.
 
-def residual_dropout_forward(x, fx, p, rng):
-    dropped, mask = dropout_forward(fx, p, rng)
+def residual_dropout_forward(x, fx, p, rng, row0=0):
+    dropped, mask = dropout_forward(fx, p, rng, row0)
     return x + dropped, mask
 
 

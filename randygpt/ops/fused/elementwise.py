@@ -212,8 +212,8 @@ def squared_relu_backward(dout, out, *, empty=np.empty):
 # --------------------------------------------------------------------------------------------
 # The residual add after (inverted) dropout: out = x + dropout(fx). The keep mask is the
 # reference's hash of each element's flat index (reference.dropout_keep), computed here in
-# parallel and never stored: the cache is the mask's key, and backward hashes the indices
-# again. Kept units are scaled by 1/(1-p) in x's precision, so the dropped units and the
+# parallel and never stored: the cache is the mask's key (with the row offset of a slice of a
+# bigger batch, reference.row_offset), and backward hashes the indices again. Kept units are scaled by 1/(1-p) in x's precision, so the dropped units and the
 # gradients match the reference bit for bit.
 
 class DropoutKey(NamedTuple):
@@ -221,6 +221,7 @@ class DropoutKey(NamedTuple):
     k1: np.uint32
     threshold: np.uint32      # hashes below it are dropped
     scale: np.floating        # 1 / (1 - p), in the data's dtype
+    offset: np.int64          # the flat index of this slice's first element in the batch
 
 
 @njit(inline="always")
@@ -240,32 +241,34 @@ def _kept(i, k0, k1, threshold):
 
 
 @pjit
-def _dropout(src, k0, k1, threshold, scale, out):
+def _dropout(src, k0, k1, threshold, scale, offset, out):
     # out = src * keep * scale; all arrays flat (n,)
     for i in prange(src.size):
-        out[i] = src[i] * scale if _kept(i, k0, k1, threshold) else 0
+        out[i] = src[i] * scale if _kept(offset + i, k0, k1, threshold) else 0
 
 
 @pjit
-def _residual_dropout(x, fx, k0, k1, threshold, scale, out):
+def _residual_dropout(x, fx, k0, k1, threshold, scale, offset, out):
     # out = x + fx * keep * scale; all arrays flat (n,)
     for i in prange(fx.size):
-        out[i] = x[i] + fx[i] * scale if _kept(i, k0, k1, threshold) else x[i]
+        out[i] = x[i] + fx[i] * scale if _kept(offset + i, k0, k1, threshold) else x[i]
 
 
-def _dropout_key(x, p, rng):
-    reference.check_dropout_size(x.size)
+def _dropout_key(x, p, rng, row0):
+    offset = reference.row_offset(x.shape, row0)
+    reference.check_dropout_size(offset + x.size)
     k0, k1 = reference.dropout_key(rng)
     return DropoutKey(np.uint32(k0), np.uint32(k1), np.uint32(reference.dropout_threshold(p)),
-                      x.dtype.type(1.0 / (1.0 - p)))
+                      x.dtype.type(1.0 / (1.0 - p)), np.int64(offset))
 
 
-def residual_dropout_forward(x, fx, p, rng, *, empty=np.empty):
-    # x, fx (..., C) -> x + dropout(fx) in one pass; cache: the mask's key (None: no dropout)
+def residual_dropout_forward(x, fx, p, rng, row0=0, *, empty=np.empty):
+    # x, fx (B, T, C) -> x + dropout(fx) in one pass; cache: the mask's key (None: no dropout).
+    # row0: these are rows row0.. of a bigger batch (reference.dropout_keep)
     if p == 0.0 or rng is None:
         return np.add(x, fx, out=empty(np.broadcast_shapes(x.shape, fx.shape),
                                        np.result_type(x, fx))), None
-    key = _dropout_key(fx, p, rng)
+    key = _dropout_key(fx, p, rng, row0)
     out = empty(fx.shape, fx.dtype)
     _residual_dropout(flat(x), flat(fx), *key, out.reshape(-1))
     return out, key
