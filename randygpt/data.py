@@ -9,9 +9,17 @@ int32 stream with an offsets array. A training window never spans two documents:
   IGNORE (the loss skips them) and whose inputs repeat the last token. Attention is causal,
   so padding after a document cannot change the predictions inside it.
 
-Batches draw documents in proportion to their number of targets, then a window uniformly
-inside the document, so every document is trained on about as often as its size says.
-Without a separator the whole text is one document, and this is plain uniform windows.
+Every predicted token weighs the same (in expectation). A piece of n targets has n+T-1
+windows, one per offset s in [-(T-1), n-1]; window s counts the targets [max(s,0), min(s+T,n)),
+so every target lies in exactly T windows whatever its piece's length. A batch row draws one
+window uniformly among all windows of all pieces (a piece in proportion to n+T-1). The row
+holds the T tokens that end at the window's last target (or the piece from its start), so a
+counted target sees all the context the block allows; targets outside the window are IGNORE.
+(Drawing a short document in proportion to its length and counting all of its tokens would
+weigh each token by its document's length: the logged loss and the choice of the best
+checkpoint lean to long documents, and generated documents come out too long.)
+Without a separator the whole text is one piece, drawn as plain uniform windows of T targets
+(nanoGPT's; the first and last T tokens of a long text weigh a little less).
 """
 from __future__ import annotations
 
@@ -114,12 +122,14 @@ class Documents:
         return int(np.maximum(np.diff(self.bounds) - 1, 0).sum())
 
     def windows(self, block_size: int):
-        """Per piece: sampling cdf over pieces (by targets) and the count of window starts."""
+        """Per piece: the cdf of window counts (n_targets + T - 1; 0 for a piece without
+        targets) and the count of plain window starts (one piece: uniform T-target windows)."""
         if block_size not in self._index:
             lengths = np.diff(self.bounds)
-            targets = np.maximum(lengths - 1, 0).astype(np.float64)
+            targets = np.maximum(lengths - 1, 0)
+            n_windows = np.where(targets > 0, targets + block_size - 1, 0).astype(np.float64)
             n_starts = np.maximum(lengths - block_size, 1)
-            self._index[block_size] = (np.cumsum(targets), n_starts)
+            self._index[block_size] = (np.cumsum(n_windows), n_starts)
         return self._index[block_size]
 
 
@@ -298,18 +308,24 @@ def get_batch(data, batch_size: int, block_size: int, rng):
 
     cdf, n_starts = data.windows(T)
     if data.n_docs == 1:     # one piece: the same draws as a plain stream
-        piece = np.zeros(batch_size, dtype=np.int64)
-        offset = rng.integers(0, n_starts[0], size=batch_size)
-    else:
+        start = rng.integers(0, n_starts[0], size=batch_size) + data.bounds[0]
+        end = np.full((batch_size, 1), data.bounds[1])
+        first = start                                                 # every target counts
+    else:                    # a window uniformly among all windows (see the module notes)
         piece = np.searchsorted(cdf, rng.random(batch_size) * cdf[-1], side="right")
         piece = np.minimum(piece, data.n_docs - 1)                    # guards u*total == total
-        offset = (rng.random(batch_size) * n_starts[piece]).astype(np.int64)
-    start = data.bounds[piece] + offset                               # (B,)
-    end = data.bounds[piece + 1][:, None]                             # (B, 1) exclusive
+        n = data.bounds[piece + 1] - data.bounds[piece] - 1           # (B,) targets per piece
+        s = (rng.random(batch_size) * (n + T - 1)).astype(np.int64) - (T - 1)
+        lo, hi = np.maximum(s, 0), np.minimum(s + T, n)               # counted targets [lo, hi)
+        row = np.maximum(hi - T, 0)                                   # the row's first input
+        start = data.bounds[piece] + row                              # (B,)
+        first = data.bounds[piece] + lo
+        end = (data.bounds[piece] + hi + 1)[:, None]                  # (B, 1) exclusive
     window = start[:, None] + np.arange(T + 1)                        # (B, T+1)
     inside = window < end
     chunk = data.tokens[np.minimum(window, end - 1)].astype(np.int64)
-    x, y = chunk[:, :-1], np.where(inside[:, 1:], chunk[:, 1:], IGNORE)
+    counted = inside[:, 1:] & (window[:, 1:] > first[:, None])        # targets in the window
+    x, y = chunk[:, :-1], np.where(counted, chunk[:, 1:], IGNORE)
     width = int(inside.sum(axis=1).max()) - 1                         # longest row's targets
     if width < T:
         x, y = x[:, :width], y[:, :width]
