@@ -29,12 +29,13 @@ from .checkpoint import (BEST, LATEST, CheckpointMeta, DataInfo, encode_checkpoi
 from .data import (Split, bits_per_char, get_batch, load_documents, split_documents,
                    split_text)
 from .errors import UserError
+from .evaluate import evaluate_documents
 from .model import GPT
 from .ops.contract import get_backend
 from .optim import lr_at
 from .runs import RunPlan
 from .sample import SamplingConfig
-from .session import complete
+from .session import complete, generate
 from .step import make_optimizer, train_step
 from .tokenizer import BPETokenizer, CharTokenizer
 
@@ -144,16 +145,19 @@ def prepare(plan: RunPlan, backend="fused", progress: bool | None = None,
 
 
 def train(plan: RunPlan, *, backend="fused", sample_tokens: int = 300,
-          progress: bool | None = None, log=print, stop_after: int | None = None) -> TrainResult:
+          progress: bool | None = None, log=print, stop_after: int | None = None,
+          exact_eval: bool = False) -> TrainResult:
     """Train the plan to plan.train.iters total iterations on `backend` (a name or a Backend).
     `stop_after`: stop as a signal would, after that many total iterations (for scripted runs
-    and tests). `progress`: a bar (None: when stderr is a terminal)."""
+    and tests). `progress`: a bar (None: when stderr is a terminal). The last evaluation also
+    scores the whole validation split exactly (each target once); `exact_eval`: every
+    evaluation does, and the best checkpoint is chosen by that exact loss."""
     run = prepare(plan, backend, progress, log)
     model, tcfg, tokenizer = run.model, plan.train, run.tokenizer
     tokens_per_iter = tcfg.batch_size * model.cfg.block_size
     train_time = 0.0
     # overflow warnings would bury the one-line divergence error: the loop checks every loss
-    with Reporter(run, progress, log) as report, np.errstate(over="ignore", invalid="ignore"):
+    with Reporter(run, progress, log, exact_eval) as report, np.errstate(over="ignore", invalid="ignore"):
         for it in range(run.start_iter, tcfg.iters):
             lr = lr_at(it, tcfg.iters, tcfg.lr, tcfg.min_lr, tcfg.warmup, tcfg.decay_frac)
             t0 = time.perf_counter()
@@ -178,10 +182,26 @@ def train(plan: RunPlan, *, backend="fused", sample_tokens: int = 300,
         return result
     if sample_tokens <= 0:
         return result
-    sample = complete(model, tokenizer, "", max_tokens=sample_tokens,
-                      sampling=SamplingConfig(temperature=0.8),
-                      rng=np.random.default_rng(tcfg.seed))
+    rng = np.random.default_rng(tcfg.seed)
+    if plan.doc_separator is None:
+        sample = complete(model, tokenizer, "", max_tokens=sample_tokens,
+                          sampling=SamplingConfig(temperature=0.8), rng=rng)
+    else:
+        sample = sample_documents(model, tokenizer, sample_tokens, plan.doc_separator, rng)
     return replace(result, sample=sample)
+
+
+def sample_documents(model, tokenizer, max_tokens: int, separator: str, rng,
+                     max_docs: int = 10) -> str:
+    """Several new documents (each from BOS to EOS) within max_tokens in all, joined by the
+    corpus's separator: one document of a corpus of short ones shows little."""
+    docs, left = [], max_tokens
+    while left > 0 and len(docs) < max_docs:
+        events = list(generate(model, tokenizer, "", max_tokens=left,
+                               sampling=SamplingConfig(temperature=0.8), rng=rng))
+        left -= sum(e.token is not None for e in events)
+        docs.append("".join(e.text for e in events))
+    return separator.join(docs)
 
 
 class Reporter:
@@ -191,8 +211,8 @@ class Reporter:
     aborts at once (KeyboardInterrupt): writes are atomic, so the last checkpoint stays whole.
     Only the main thread can own signal handlers."""
 
-    def __init__(self, run: PreparedRun, progress: bool | None, log):
-        self.run, self.log, self.progress = run, log, progress
+    def __init__(self, run: PreparedRun, progress: bool | None, log, exact_eval: bool = False):
+        self.run, self.log, self.progress, self.exact_eval = run, log, progress, exact_eval
         self.out_dir = run.plan.out_dir
         self.done = run.start_iter
         self.best_val_loss = run.best_val_loss
@@ -257,16 +277,25 @@ class Reporter:
                    val_loss=round(self.val_loss, 6), val_ppl=round(math.exp(self.val_loss), 4),
                    val_bpc=round(val_bpc, 6), lr=lr, tokens_per_sec=round(tok_s, 1),
                    elapsed_s=round(time.perf_counter() - self.start, 3))
+        exact = None
+        if self.exact_eval or done == tcfg.iters:   # every validation target, once
+            exact = evaluate_documents(run.model, val)
+            self.check("exact val loss", exact.loss, done)
+            row.update(val_loss_exact=round(exact.loss, 6),
+                       val_bpc_exact=round(exact.bits_per_char, 6))
         self.history.append(row)
         if self.metrics is not None:      # before the checkpoint: a resume trims extras
             self.metrics.write(json.dumps(row) + "\n")
             self.metrics.flush()
-        is_best = self.val_loss < self.best_val_loss
-        self.best_val_loss = min(self.best_val_loss, self.val_loss)
+        score = exact.loss if self.exact_eval else self.val_loss
+        is_best = score < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, score)
         self.save([LATEST, BEST] if is_best else [LATEST])
         line = (f"iter {done}/{tcfg.iters}: train loss {self.train_loss:.4f}, val loss "
                 f"{self.val_loss:.4f}, val ppl {math.exp(self.val_loss):.2f}, val bpc "
-                f"{val_bpc:.4f}, {tok_s:,.0f} tok/s")
+                f"{val_bpc:.4f}, {tok_s:,.0f} tok/s") + (
+                    f"; exact val loss {exact.loss:.4f} (every one of {exact.tokens:,} "
+                    f"targets), bpc {exact.bits_per_char:.4f}" if exact is not None else "")
         if self.bar is not None:
             self.bar.write(line)
         else:

@@ -102,3 +102,66 @@ def test_too_many_distinct_characters_suggests_bpe(tmp_path):
 def test_bad_flags(args, fragment):
     r = run(["train", *args])
     assert_one_line_error(r, fragment)
+
+
+# ------------------------------------------------------------------------------------------
+# a model trained on a corpus of short documents (one name per line): eval, generate
+
+def names_text(n=3000, seed=0):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    syllables = ["ka", "ri", "mo", "na", "el", "to", "sa", "an", "li", "be"]
+    return "".join("".join(rng.choice(syllables, size=int(rng.integers(1, 4)))) + "\n"
+                   for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def names_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("names")
+    data = d / "names.txt"
+    data.write_text(names_text())
+    r = run(["train", "--data", str(data), "--doc-separator", "\\n", "--iters", "150",
+             "--eval-interval", "150", "--out", str(d / "run"), "--sample-tokens", "60",
+             *TINY, "--dim", "32", "--batch", "16", "--dropout", "0", "--lr", "3e-3"])
+    assert r.returncode == 0, r.stderr
+    return data, d / "run", r
+
+
+def test_end_of_run_sample_of_a_document_corpus_shows_several_documents(names_run):
+    _, _, r = names_run
+    sample = r.stdout.split("--- sample ---\n", 1)[1].rstrip("\n").split("\n")
+    assert len(sample) >= 3 and all(sample), sample
+    assert "exact val loss" in r.stdout
+
+
+def test_eval_frames_documents_as_training_does(names_run):
+    data, out, _ = names_run
+    ckpt = str(out / "checkpoint.safetensors")
+    exact = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["val_loss_exact"]
+    framed = run(["eval", "--checkpoint", ckpt, "--data", str(data), "--doc-separator", "\\n",
+                  "--json"])
+    assert framed.returncode == 0, framed.stderr
+    as_docs = json.loads(framed.stdout)
+    assert as_docs["tokens"] == sum(len(n) + 1 for n in data.read_text().split("\n") if n)
+    assert abs(as_docs["loss"] - exact) < 0.1          # the whole file vs its val split
+    plain = run(["eval", "--checkpoint", ckpt, "--data", str(data), "--json"])
+    assert "--doc-separator" in plain.stderr               # a note says what to pass
+    assert json.loads(plain.stdout)["loss"] > as_docs["loss"] + 0.3
+    slid = run(["eval", "--checkpoint", ckpt, "--data", str(data), "--stride", "4", "--json"])
+    assert json.loads(slid.stdout)["loss"] < json.loads(plain.stdout)["loss"]
+
+
+def test_generate_begins_a_document_at_bos_by_default_for_a_document_model(names_run):
+    _, out, _ = names_run
+    ckpt = str(out / "checkpoint.safetensors")
+    common = ["generate", "--checkpoint", ckpt, "--prompt", "ka", "--seed", "5",
+              "--num-samples", "30", "--max-tokens", "12", "--separator", "\\n"]
+    default, bos, no_bos = (run(common + extra) for extra in ([], ["--bos"], ["--no-bos"]))
+    assert default.returncode == bos.returncode == no_bos.returncode == 0
+    assert default.stdout == bos.stdout != no_bos.stdout
+    assert len(bos.stdout[:-1].split("\n")) == 30                     # one sample per line
+    piped = subprocess.run(
+        [sys.executable, "-m", "randygpt", *common[:3], "--prompt-file", "-", *common[5:]],
+        input="ka", capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__))))
+    assert piped.returncode == 0 and piped.stdout == default.stdout, piped.stderr
