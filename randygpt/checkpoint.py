@@ -50,6 +50,7 @@ class DataInfo:
     documents: int | None = None
     train_tokens: int | None = None
     val_tokens: int | None = None
+    val_split: str | None = None      # "random" or "tail" (None: written before it existed: tail)
 
 
 @dataclass

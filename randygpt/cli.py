@@ -94,6 +94,10 @@ def _add_train(sub) -> None:
     k.add_argument("--doc-separator", metavar="STRING", default=None,
                    help="split the text into documents at STRING (\\n, \\t, \\\\ are "
                    "escapes, e.g. '\\n\\n' for a blank line); no training window spans two")
+    k.add_argument("--val-split", choices=("random", "tail"), default=None,
+                   help="validation data: a seeded random 10%% of the documents (default with "
+                   "--doc-separator: a sorted file's tail is not like the rest), or the last "
+                   "10%% of the text (default without)")
 
 
 _CONFIG_FLAGS = {f.name: f for cls in (ModelConfig, TrainConfig) for f in flag_fields(cls)}
@@ -120,7 +124,7 @@ def cmd_train(args) -> int:
     plan = plan_run(given, preset=args.preset, resume=args.resume, fine_tune=args.fine_tune,
                     data_path=args.data, out_dir=args.out, runs_dir="runs",
                     bpe_vocab_size=args.bpe, doc_separator=None if args.doc_separator is None
-                    else _unescape(args.doc_separator))
+                    else _unescape(args.doc_separator), val_split=args.val_split)
     result = train(plan, backend=args.backend, sample_tokens=max(0, args.sample_tokens),
                    progress=False if args.no_progress else None, exact_eval=args.exact_eval)
     return _finish_train(result, plan.out_dir)

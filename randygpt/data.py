@@ -242,14 +242,22 @@ class Split:
 
 
 def split_documents(docs: Documents, block_size: int, decode=None,
-                    source: str = "the text") -> Split:
-    """About the last 10 % of tokens for validation, as whole documents where a document
+                    source: str = "the text", shuffle: bool = False, seed: int = 0) -> Split:
+    """`shuffle`: a seeded random 10 % of the documents (by tokens) for validation (see
+    random_split); otherwise, or when that cannot be done, the tail split:
+
+    About the last 10 % of tokens for validation, as whole documents where a document
     boundary lies near the 90 % mark (validation between half and twice its 10 % share);
     otherwise (one document, or a few long ones) cut at the mark, the cut document giving
     its head to training and its tail to validation. Either way windows stay inside a piece.
     `decode` counts the characters of a cut document's head (else estimated from tokens)."""
     n = len(docs)
     n_val = int(n * VAL_FRACTION)
+    if shuffle and docs.n_docs > 1:
+        split = random_split(docs, seed)
+        if split is not None:
+            _check_long_enough(n, len(split.val), block_size, source)
+            return split
     mark = n - n_val
     inner = docs.bounds[1:-1]
     ok = inner[(n - inner >= n_val / 2) & (n - inner <= 2 * n_val)]
@@ -272,6 +280,38 @@ def split_documents(docs: Documents, block_size: int, decode=None,
     val_chars[0] -= head_chars
     val = Documents(docs.tokens[cut:], np.append(cut, docs.bounds[k + 1:]) - cut, val_chars)
     return Split(train, val)
+
+
+def random_split(docs: Documents, seed: int) -> Split | None:
+    """Whole documents in a seeded random order go to validation until it holds 10 % of the
+    tokens (a document that would take it past twice that is skipped); each side keeps the
+    file's order. A file sorted by anything (names by frequency, papers by date) would
+    otherwise validate on its last, different 10 %. None when no such set exists (a few
+    long documents): the caller cuts at the tail instead."""
+    lengths = np.diff(docs.bounds)
+    n_val = int(len(docs) * VAL_FRACTION)
+    order = np.random.default_rng([seed, 0x5B1D]).permutation(docs.n_docs)
+    fits = np.cumsum(lengths[order])
+    k = int(np.searchsorted(fits, n_val))          # the first k+1 reach n_val
+    chosen = order[:k + 1]
+    if fits[min(k, len(fits) - 1)] > 2 * n_val:   # a long document overshoots: skip the big
+        small = order[lengths[order] <= n_val]
+        fits = np.cumsum(lengths[small])
+        k = int(np.searchsorted(fits, n_val))
+        if k >= len(small):
+            return None
+        chosen = small[:k + 1]
+    is_val = np.zeros(docs.n_docs, dtype=bool)
+    is_val[chosen] = True
+    if is_val.all():
+        return None
+    token_is_val = np.repeat(is_val, lengths)
+
+    def part(mask_docs, mask_tokens):
+        return Documents(docs.tokens[mask_tokens],
+                         np.concatenate([[0], np.cumsum(lengths[mask_docs])]).astype(np.int64),
+                         docs.chars[mask_docs].copy())
+    return Split(part(~is_val, ~token_is_val), part(is_val, token_is_val))
 
 
 def _piece_at(bounds: np.ndarray, i: int) -> tuple[int, int, int]:

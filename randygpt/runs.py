@@ -44,6 +44,7 @@ class RunPlan:
     fine_tune: Checkpoint | None = None
     bpe_vocab_size: int | None = None   # train a byte-level BPE tokenizer (fresh runs only)
     doc_separator: str | None = None
+    val_split: str = "tail"       # "random": a seeded random 10 % of the documents (data.py)
     cache_dir: str | None = None
     notices: tuple = ()           # what the user should be told (the demo, the built-in text)
 
@@ -64,13 +65,17 @@ class Contradiction(UserError):
 def plan_run(*configs, preset: str | None = None, resume=None, fine_tune=None,
              data_path: str | None = None, text: str | None = None, out_dir: str | None = None,
              runs_dir: str | None = None, bpe_vocab_size: int | None = None,
-             doc_separator: str | None = None, cache_dir: str | None = None) -> RunPlan:
+             doc_separator: str | None = None, cache_dir: str | None = None,
+             val_split: str | None = None) -> RunPlan:
     """The plan of a run. `configs`: ModelConfig / TrainConfig objects or dicts of config field
     -> value, the settings chosen explicitly (later ones win); `preset`: a PRESETS name chosen
     explicitly (fresh runs default to DEFAULT_PRESET). `resume` / `fine_tune`: a Checkpoint or
     a path; resume "" is out_dir's latest checkpoint. `runs_dir`: where the default run
     directory goes when out_dir is None (neither: nothing is written). `cache_dir`: default,
-    token-cache next to the run directory."""
+    token-cache next to the run directory. `val_split`: "random" (default with a
+    doc_separator) or "tail" (default without; a resume keeps its checkpoint's)."""
+    if val_split not in (None, "random", "tail"):
+        raise UserError(f"{{field}} {val_split!r} must be 'random' or 'tail'", "val_split")
     chosen = {}
     for c in configs:
         chosen.update(c if isinstance(c, dict) else c.to_dict())
@@ -88,11 +93,17 @@ def plan_run(*configs, preset: str | None = None, resume=None, fine_tune=None,
     if resume is not None:
         plan = _resume(chosen, preset, _checkpoint_to_resume(resume, out_dir), text, data_path,
                        out_dir, doc_separator)
+        kept = plan.resume.meta.data.val_split if plan.resume.meta.data else None
+        if val_split is not None and val_split != (kept or "tail"):
+            raise UserError(f"{{field}} {val_split} differs from {plan.resume.path}'s "
+                            f"({kept or 'tail'}); resume with the same split", "val_split")
+        plan = replace(plan, val_split=kept or "tail")
     else:
         if fine_tune is not None and not isinstance(fine_tune, Checkpoint):
             fine_tune = load_checkpoint(fine_tune)
         plan = _fresh(chosen, preset, fine_tune, text, data_path, out_dir, runs_dir)
-        plan = replace(plan, bpe_vocab_size=bpe_vocab_size, doc_separator=doc_separator)
+        plan = replace(plan, bpe_vocab_size=bpe_vocab_size, doc_separator=doc_separator,
+                       val_split=val_split or ("random" if doc_separator else "tail"))
     plan.train.validate()
     if plan.out_dir is not None:
         _check_run_dir(plan.out_dir, plan.resume)

@@ -111,11 +111,12 @@ def prepare(plan: RunPlan, backend="fused", progress: bool | None = None,
     docs = load_documents(plan.text, tokenizer, plan.doc_separator, plan.cache_dir,
                           progress=progress, log=log)
     source = repr(plan.data_path) if plan.data_path else "the text"
-    split = split_documents(docs, mcfg.block_size, tokenizer.decode, source=source)
+    split = split_documents(docs, mcfg.block_size, tokenizer.decode, source=source,
+                            shuffle=plan.val_split == "random", seed=tcfg.seed)
     data = DataInfo(path=os.path.abspath(plan.data_path) if plan.data_path else None,
                     sha256=plan.text_sha256, doc_separator=plan.doc_separator,
                     documents=docs.n_docs, train_tokens=len(split.train),
-                    val_tokens=len(split.val))
+                    val_tokens=len(split.val), val_split=plan.val_split)
 
     init_rng, batch_rng, dropout_rng = rng_streams(tcfg.seed)
     backend = get_backend(backend)       # numba loads only for the fused backend

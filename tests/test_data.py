@@ -395,3 +395,33 @@ def test_cli_bpe_train_export_and_refusals(tmp_path, capsys):
         assert main(["train", "--data", str(data), "--bpe", *flag, *tiny]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "drop --bpe" in err
+
+
+def test_random_split_takes_whole_documents_seeded_and_unlike_the_tail():
+    # a file sorted by document length: its tail is all long documents
+    lengths = np.sort(np.random.default_rng(0).integers(1, 30, size=2000))
+    texts, tok, docs = lettered_corpus(lengths)
+    tail = split_documents(docs, 8, tok.decode)
+    split = split_documents(docs, 8, tok.decode, shuffle=True, seed=1)
+    again = split_documents(docs, 8, tok.decode, shuffle=True, seed=1)
+    other = split_documents(docs, 8, tok.decode, shuffle=True, seed=2)
+    np.testing.assert_array_equal(split.val.tokens, again.val.tokens)
+    assert not np.array_equal(split.val.tokens, other.val.tokens)
+    for part in (split.train, split.val):              # whole documents only: BOS ... EOS
+        assert (part.tokens[part.bounds[:-1]] == tok.bos_id).all()
+        assert (part.tokens[part.bounds[1:] - 1] == tok.eos_id).all()
+    assert split.train.n_docs + split.val.n_docs == docs.n_docs
+    assert len(split.train) + len(split.val) == len(docs)
+    assert split.train.n_chars + split.val.n_chars == docs.n_chars
+    assert 0.09 < len(split.val) / len(docs) < 0.11
+    mean = lengths.mean()
+    val_mean = np.diff(split.val.bounds).mean() - 2
+    tail_mean = np.diff(tail.val.bounds).mean() - 2
+    assert abs(val_mean - mean) < 1.5 and tail_mean > mean + 8
+
+
+def test_random_split_of_a_few_long_documents_falls_back_to_the_tail():
+    texts, tok, docs = lettered_corpus([500, 40])
+    split = split_documents(docs, 8, tok.decode, shuffle=True, seed=0)
+    tail = split_documents(docs, 8, tok.decode)
+    np.testing.assert_array_equal(split.val.tokens, tail.val.tokens)

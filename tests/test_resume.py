@@ -330,3 +330,20 @@ def test_real_divergence_is_one_line_and_writes_no_nan_checkpoint(tmp_path, caps
     assert "training diverged" in line and "lower --lr" in line
     c = load_checkpoint(out)                  # whatever was written last is finite and loads
     assert np.isfinite(c.model.params.flat).all() and c.iter < 300
+
+
+def test_document_runs_validate_on_a_random_split_that_resume_keeps(tmp_path):
+    m, t = tiny()
+    text = "".join(f"{w}\n" for w in TEXT.split())           # one word per document
+    out = str(tmp_path / "run")
+    plan = plan_run(m, t, text=text, out_dir=out, doc_separator="\n")
+    assert plan.val_split == "random"
+    assert plan_run(m, t, text=text).val_split == "tail"      # a plain text: its tail
+    first = train(plan, stop_after=6, **QUIET)
+    assert load_checkpoint(os.path.join(out, "checkpoint.safetensors")).meta.data.val_split \
+        == "random"
+    resumed = plan_run(text=text, resume="", out_dir=out)
+    assert resumed.val_split == "random" and resumed.doc_separator == "\n"
+    with pytest.raises(UserError, match="split"):
+        plan_run(text=text, resume="", out_dir=out, val_split="tail")
+    assert first.iters_done == 6
