@@ -172,12 +172,13 @@ def cache_key(text: str, tokenizer, separator: str | None) -> str:
 
 def load_documents(text: str, tokenizer, separator: str | None = None,
                    cache_dir: str | None = None, progress: bool | None = None,
-                   log=print) -> Documents:
+                   log=print, check=None) -> Documents:
     """The text as framed documents, from the token cache in cache_dir when it has them.
 
     The cache file is tokens-<hash>.npy with the hash of (text, tokenizer, separator), so a
     changed text or tokenizer is a different file; a file that does not fit (damaged, cut
     short) is ignored and written again. Writes go to a temporary file, then a rename.
+    `check(docs)` runs before the cache is written: a run it refuses leaves no cache file.
     """
     texts = split_text(text, separator)
     if separator is not None and len(texts) == 1:
@@ -188,12 +189,16 @@ def load_documents(text: str, tokenizer, separator: str | None = None,
         docs = _read_cache(path, texts, tokenizer)
         if docs is not None:
             log(f"tokens: {len(docs):,} from the cache {path}")
+            if check is not None:
+                check(docs)
             return docs
     t0 = time.perf_counter()
     docs = encode_documents(texts, tokenizer, progress)
     n_docs = f" in {docs.n_docs:,} documents" if docs.n_docs > 1 else ""
     log(f"tokens: encoded {len(text):,} characters to {len(docs):,} {tokenizer.kind} tokens"
         f"{n_docs} in {time.perf_counter() - t0:.2f} s")
+    if check is not None:
+        check(docs)
     if path is not None:
         _write_cache(path, docs.tokens, log)
     return docs

@@ -14,9 +14,13 @@ is a RunPlan; train() runs it without checking it again.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
+import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from .checkpoint import (BEST, LATEST, Checkpoint, DataInfo, load_checkpoint,
@@ -217,6 +221,50 @@ def _check_run_dir(out_dir: str, resume: Checkpoint | None) -> None:
                             "that run with {field}, or choose another run directory", "resume")
     if os.path.isdir(out_dir):
         remove_stale_temp_files(out_dir)
+
+
+LOCK = "randygpt.lock"
+
+
+@contextmanager
+def lock_run_dir(out_dir: str | None, resume: Checkpoint | None = None, check: bool = True):
+    """Hold an exclusive lock on the run directory while the body runs: a second process
+    (train, resume) on it is refused in one line. flock: the kernel releases the lock when its
+    holder dies, even by SIGKILL, so a stale lock file never blocks anything. The run rules are
+    checked again under the lock (another run may have written a checkpoint since the plan);
+    a directory made here and left empty by a refused run is removed."""
+    if out_dir is None:
+        yield
+        return
+    created = not os.path.exists(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd = os.open(os.path.join(out_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise UserError(f"cannot write to the run directory {out_dir}: "
+                        f"{e.strerror or e}; choose another {{field}}", "out") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise UserError(f"{out_dir} is in use by another randygpt process (pid {holder}); "
+                            "wait for it to finish, or choose another {field}", "out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if check:
+            _check_run_dir(out_dir, resume)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            if not ok and created and set(os.listdir(out_dir)) <= {LOCK}:
+                shutil.rmtree(out_dir, ignore_errors=True)    # a refused run leaves nothing
+    finally:
+        os.close(fd)           # releases the lock
 
 
 def _read(text: str | None, data_path: str | None) -> str:

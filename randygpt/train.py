@@ -30,10 +30,11 @@ from .data import (Split, bits_per_char, get_batch, load_documents, split_docume
                    split_text)
 from .errors import UserError
 from .evaluate import evaluate_documents
+from .memory import check_memory, estimate_training_bytes
 from .model import GPT
 from .ops.contract import get_backend
 from .optim import lr_at
-from .runs import RunPlan
+from .runs import RunPlan, lock_run_dir
 from .sample import SamplingConfig
 from .session import complete, generate
 from .step import make_optimizer, train_step
@@ -108,11 +109,18 @@ def prepare(plan: RunPlan, backend="fused", progress: bool | None = None,
         tokenizer = CharTokenizer.from_text(plan.text)
     mcfg, tcfg = replace(plan.model, vocab_size=tokenizer.vocab_size), plan.train
     mcfg.validate()
-    docs = load_documents(plan.text, tokenizer, plan.doc_separator, plan.cache_dir,
-                          progress=progress, log=log)
+    # before any allocation: text, int32 tokens and their int64 batches ~ 16 bytes a character
+    check_memory(estimate_training_bytes(mcfg, tcfg, data_bytes=16 * len(plan.text)))
+    if origin is not None:
+        _check_known_characters(plan.text, tokenizer, "resume" if plan.resume else "fine_tune")
     source = repr(plan.data_path) if plan.data_path else "the text"
-    split = split_documents(docs, mcfg.block_size, tokenizer.decode, source=source,
-                            shuffle=plan.val_split == "random", seed=tcfg.seed)
+    splits = []         # the split is made before the token cache is written: a refused run
+    docs = load_documents(plan.text, tokenizer, plan.doc_separator, plan.cache_dir,
+                          progress=progress, log=log, check=lambda d: splits.append(
+                              split_documents(d, mcfg.block_size, tokenizer.decode,
+                                              source=source, seed=tcfg.seed,
+                                              shuffle=plan.val_split == "random")))
+    split = splits[0]
     data = DataInfo(path=os.path.abspath(plan.data_path) if plan.data_path else None,
                     sha256=plan.text_sha256, doc_separator=plan.doc_separator,
                     documents=docs.n_docs, train_tokens=len(split.train),
@@ -145,6 +153,15 @@ def prepare(plan: RunPlan, backend="fused", progress: bool | None = None,
     return run
 
 
+def _check_known_characters(text: str, tokenizer, field: str) -> None:
+    unknown = tokenizer.unknown_chars(text) if hasattr(tokenizer, "unknown_chars") else []
+    if unknown:
+        shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+        raise UserError(f"the text has {len(unknown)} character(s) the checkpoint's tokenizer "
+                        f"does not know: {shown}; {{field}} keeps the checkpoint's tokenizer, so "
+                        "remove them from the text, or start a new run to train a new one", field)
+
+
 def train(plan: RunPlan, *, backend="fused", sample_tokens: int = 300,
           progress: bool | None = None, log=print, stop_after: int | None = None,
           exact_eval: bool = False) -> TrainResult:
@@ -153,6 +170,11 @@ def train(plan: RunPlan, *, backend="fused", sample_tokens: int = 300,
     and tests). `progress`: a bar (None: when stderr is a terminal). The last evaluation also
     scores the whole validation split exactly (each target once); `exact_eval`: every
     evaluation does, and the best checkpoint is chosen by that exact loss."""
+    with lock_run_dir(plan.out_dir, plan.resume):
+        return _train(plan, backend, sample_tokens, progress, log, stop_after, exact_eval)
+
+
+def _train(plan, backend, sample_tokens, progress, log, stop_after, exact_eval) -> TrainResult:
     run = prepare(plan, backend, progress, log)
     model, tcfg, tokenizer = run.model, plan.train, run.tokenizer
     tokens_per_iter = tcfg.batch_size * model.cfg.block_size

@@ -165,3 +165,25 @@ def test_generate_begins_a_document_at_bos_by_default_for_a_document_model(names
         input="ka", capture_output=True, text=True, timeout=120,
         env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__))))
     assert piped.returncode == 0 and piped.stdout == default.stdout, piped.stderr
+
+
+@pytest.mark.parametrize("flags", [["--batch", "100000"], ["--block", "100000"]])
+def test_a_run_too_big_for_the_machine_is_refused_before_allocating(tmp_path, flags):
+    r = run(["train", "--iters", "2", "--out", str(tmp_path / "run"), "--no-progress", *flags],
+            cwd=tmp_path, timeout=60)
+    assert_one_line_error(r, "this run needs about", "GiB", "available", "--batch")
+    assert not (tmp_path / "run").exists()
+
+
+def test_fine_tune_on_text_with_unseen_characters_says_what_to_do(tmp_path):
+    data = tmp_path / "d.txt"
+    data.write_text("abc abc abc " * 60)
+    out = tmp_path / "run"
+    assert run(["train", "--data", str(data), "--iters", "2", "--eval-interval", "2", "--out",
+                str(out), "--sample-tokens", "0", *TINY]).returncode == 0
+    new = tmp_path / "new.txt"
+    new.write_text("xyz " * 200)
+    r = run(["train", "--fine-tune", str(out / "checkpoint.safetensors"), "--data", str(new),
+             "--iters", "2", "--out", str(tmp_path / "ft"), "--no-progress"])
+    assert_one_line_error(r, "does not know", "--fine-tune keeps the checkpoint's tokenizer")
+    assert "train a tokenizer that covers" not in r.stderr

@@ -347,3 +347,64 @@ def test_document_runs_validate_on_a_random_split_that_resume_keeps(tmp_path):
     with pytest.raises(UserError, match="split"):
         plan_run(text=text, resume="", out_dir=out, val_split="tail")
     assert first.iters_done == 6
+
+
+HOLD = """
+import sys, time
+from randygpt.runs import lock_run_dir
+with lock_run_dir(sys.argv[1], check=False):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def hold_lock(run_dir):
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE,
+                              text=True, env=env)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_process_on_a_run_directory_is_refused_until_the_holder_dies(tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = hold_lock(out)
+    try:
+        args = ["train", "--iters", "4", "--eval-interval", "2", "--out", str(out), *TINY]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "in use by another randygpt process" in err[0]
+        assert f"pid {holder.pid}" in err[0] and "--out" in err[0]
+        assert not (out / "metrics.jsonl").exists()
+        holder.send_signal(signal.SIGKILL)          # a killed holder's lock is released
+        holder.wait(timeout=30)
+        assert main(args) == 0
+        assert (out / "checkpoint.safetensors").exists()
+        capsys.readouterr()
+        holder = hold_lock(out)                     # and a resume is refused the same way
+        assert main(["train", "--resume", "--iters", "6", "--out", str(out), "--no-progress"]) == 2
+        assert "in use by another randygpt process" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+def test_two_fresh_runs_planned_together_never_share_a_directory(tmp_path):
+    # both plans pass the "no checkpoint here" rule; the second to lock sees the first's
+    m, t = tiny()
+    out = str(tmp_path / "run")
+    first, second = (plan_run(m, t, text=TEXT, out_dir=out) for _ in range(2))
+    train(first, stop_after=6, **QUIET)
+    with pytest.raises(UserError, match="already holds a checkpoint"):
+        train(second, **QUIET)
+
+
+def test_a_refused_run_leaves_no_directory_and_no_token_cache(tmp_path):
+    m, t = tiny()
+    out = tmp_path / "runs" / "run"
+    plan = plan_run(m, t, text="too short", out_dir=str(out))
+    with pytest.raises(UserError, match="too short"):
+        train(plan, **QUIET)
+    assert not out.exists()
+    cache = tmp_path / "runs" / "token-cache"
+    assert not cache.exists() or not os.listdir(cache)
