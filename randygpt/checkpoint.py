@@ -407,6 +407,9 @@ def find_checkpoint(checkpoint=None, run=None, runs_dir="runs") -> str:
 def summary(ckpt: Checkpoint) -> dict:
     """What `randygpt info` shows, as one JSON-able dict."""
     meta = ckpt.meta
+    # the best val loss is only news where its checkpoint exists (a failed write, a copied file)
+    best = os.path.join(os.path.dirname(os.path.abspath(ckpt.path)), BEST)
+    has_best = os.path.isfile(best)
     return {
         "path": ckpt.path,
         "file_size": os.path.getsize(ckpt.path),
@@ -415,7 +418,8 @@ def summary(ckpt: Checkpoint) -> dict:
         "num_params": int(ckpt.model.num_params),
         "iter": ckpt.iter,
         "optimizer_step": meta.optimizer_step,
-        "best_val_loss": meta.best_val_loss,
+        "best_val_loss": meta.best_val_loss if has_best else None,
+        "best_checkpoint": best if has_best else None,
         "val_loss": meta.val_loss,
         "tokenizer": {"kind": ckpt.tokenizer.to_dict().get("kind"),
                       "vocab_size": int(ckpt.tokenizer.vocab_size)},

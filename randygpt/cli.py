@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -29,8 +30,8 @@ def _nonneg_float(s):
         v = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"{s} must be a number >= 0")
+    if not (v >= 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"{s} must be a finite number >= 0")
     return v
 
 
@@ -192,7 +193,8 @@ def cmd_info(args) -> int:
         print(json.dumps(s))
         return 0
     m, t, tok = s["model_config"], s["train_config"], s["tokenizer"]
-    best = "none yet" if s["best_val_loss"] is None else f"{s['best_val_loss']:.4f}"
+    best = (f"{s['best_val_loss']:.4f}" if s["best_val_loss"] is not None else
+            "none (no checkpoint_best.safetensors beside it)")
     print(f"checkpoint: {s['path']} ({s['file_size']:,} bytes, format version "
           f"{s['format_version']})")
     print(f"model: {m['n_layer']} layers, {m['n_embd']} dim, {m['n_head']} heads, block "

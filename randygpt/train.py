@@ -274,8 +274,9 @@ class Reporter:
         return False
 
     def check(self, what: str, loss: float, it: int) -> None:
-        """Refuse a non-finite loss: training diverged; the last good checkpoint is kept."""
-        if not math.isfinite(loss):
+        """Refuse a non-finite loss, or one far above guessing (10 x ln V nats; a fresh model
+        is at ln V): training diverged; the last good checkpoint is kept."""
+        if not math.isfinite(loss) or loss > 10 * math.log(self.run.model.cfg.vocab_size):
             kept = (f"the last good checkpoint ({self.checkpoint}) is kept" if self.checkpoint
                     else "no checkpoint of this session was written")
             raise UserError(f"the {what} became {loss} at iteration {it}: training diverged; "
@@ -298,6 +299,7 @@ class Reporter:
         val_bpc = bits_per_char(self.val_loss * val.n_targets, val.n_chars)
         row = dict(iter=done, train_loss=round(self.train_loss, 6),
                    val_loss=round(self.val_loss, 6), val_ppl=round(math.exp(self.val_loss), 4),
+                   # (check above: a finite loss under 10 ln V, so exp cannot overflow)
                    val_bpc=round(val_bpc, 6), lr=lr, tokens_per_sec=round(tok_s, 1),
                    elapsed_s=round(time.perf_counter() - self.start, 3))
         exact = None
@@ -307,13 +309,22 @@ class Reporter:
             row.update(val_loss_exact=round(exact.loss, 6),
                        val_bpc_exact=round(exact.bits_per_char, 6))
         self.history.append(row)
+        row_at = None
         if self.metrics is not None:      # before the checkpoint: a resume trims extras
+            row_at = self.metrics.tell()
             self.metrics.write(json.dumps(row) + "\n")
             self.metrics.flush()
         score = exact.loss if self.exact_eval else self.val_loss
         is_best = score < self.best_val_loss
-        self.best_val_loss = min(self.best_val_loss, score)
-        self.save([LATEST, BEST] if is_best else [LATEST])
+        best_before, self.best_val_loss = self.best_val_loss, min(self.best_val_loss, score)
+        try:
+            self.save([LATEST, BEST] if is_best else [LATEST])
+        except UserError:       # the row must not outlive its checkpoint
+            self.best_val_loss = best_before
+            if row_at is not None and self.saved_at != done:
+                self.metrics.truncate(row_at)
+                self.history.pop()
+            raise
         line = (f"iter {done}/{tcfg.iters}: train loss {self.train_loss:.4f}, val loss "
                 f"{self.val_loss:.4f}, val ppl {math.exp(self.val_loss):.2f}, val bpc "
                 f"{val_bpc:.4f}, {tok_s:,.0f} tok/s") + (
@@ -336,8 +347,15 @@ class Reporter:
             fine_tuned_from=run.fine_tuned_from,
             rng={"batch": rng_state(run.batch_rng), "dropout": rng_state(run.dropout_rng)}))
         for name in names:
-            write_atomic(os.path.join(self.out_dir, name), blob)
-        self.checkpoint, self.saved_at = os.path.join(self.out_dir, names[0]), self.done
+            try:
+                write_atomic(os.path.join(self.out_dir, name), blob)
+            except UserError as e:    # disk full, I/O error: say what is safe and what to do
+                kept = (f"the checkpoint of iteration {self.saved_at} ({self.checkpoint}) is "
+                        "intact: free some space and continue it with {field}"
+                        if self.checkpoint else "no checkpoint of this run was written")
+                raise UserError(f"{e.message}; {kept}", "resume") from None
+            if name == LATEST:
+                self.checkpoint, self.saved_at = os.path.join(self.out_dir, name), self.done
 
     def stop(self, done: int) -> None:
         """The run stops early (a signal, or stop_after): its state must be on disk."""

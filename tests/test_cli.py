@@ -187,3 +187,34 @@ def test_fine_tune_on_text_with_unseen_characters_says_what_to_do(tmp_path):
              "--iters", "2", "--out", str(tmp_path / "ft"), "--no-progress"])
     assert_one_line_error(r, "does not know", "--fine-tune keeps the checkpoint's tokenizer")
     assert "train a tokenizer that covers" not in r.stderr
+
+
+@pytest.mark.parametrize("flag", ["--grad-clip", "--lr", "--weight-decay", "--dropout"])
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_non_finite_float_flags_are_refused(tmp_path, flag, value):
+    r = run(["train", "--iters", "2", "--out", str(tmp_path / "run"), *TINY, flag, value],
+            cwd=tmp_path)
+    assert_one_line_error(r, flag, "finite")
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_train_config_is_refused_by_the_library():
+    from randygpt.config import TrainConfig
+    from randygpt.errors import UserError
+    with pytest.raises(UserError, match="finite"):
+        TrainConfig(grad_clip=float("inf")).validate()
+
+
+def test_a_huge_finite_loss_is_divergence_and_keeps_the_last_good_checkpoint(tmp_path):
+    data = tmp_path / "d.txt"
+    data.write_text("to be or not to be, that is the question. " * 40)
+    out = tmp_path / "run"
+    r = run(["train", "--data", str(data), "--iters", "60", "--eval-interval", "1",
+             "--warmup", "0", "--lr", "1e2", "--out", str(out), *TINY])
+    assert_one_line_error(r, "training diverged", "--lr")
+    assert "last good checkpoint" in r.stderr or "no checkpoint" in r.stderr
+    from randygpt.checkpoint import load_checkpoint
+    if (out / "checkpoint.safetensors").exists():
+        ckpt = load_checkpoint(str(out / "checkpoint.safetensors"))
+        rows = (out / "metrics.jsonl").read_text().splitlines()
+        assert json.loads(rows[-1])["iter"] <= ckpt.iter

@@ -408,3 +408,31 @@ def test_a_refused_run_leaves_no_directory_and_no_token_cache(tmp_path):
     assert not out.exists()
     cache = tmp_path / "runs" / "token-cache"
     assert not cache.exists() or not os.listdir(cache)
+
+
+def test_disk_full_names_the_intact_checkpoint_and_keeps_metrics_to_it(tmp_path, monkeypatch,
+                                                                        capsys):
+    import randygpt.train as train_module
+    from randygpt.checkpoint import write_atomic
+    calls = []
+
+    def full_after_first(path, data):      # the second checkpoint write finds the disk full
+        calls.append(path)
+        if len(calls) > 2:                 # (the first evaluation writes latest and best)
+            raise UserError(f"cannot write {path}: No space left on device; its previous "
+                            "version, if any, is intact")
+        write_atomic(path, data)
+    monkeypatch.setattr(train_module, "write_atomic", full_after_first)
+    m, t = tiny()
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as e:
+        train(plan_run(m, t, text=TEXT, out_dir=str(out)), **QUIET)
+    msg = e.value.render(lambda f: "--" + f)
+    assert "No space left" in msg and "checkpoint of iteration 6" in msg and "--resume" in msg
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [6]
+    assert load_checkpoint(str(out / "checkpoint.safetensors")).iter == 6
+    # info: the best val loss is shown only where its checkpoint exists
+    os.remove(out / "checkpoint_best.safetensors")
+    assert main(["info", str(out)]) == 0
+    assert "best val loss: none" in capsys.readouterr().out
