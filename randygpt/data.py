@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ import numpy as np
 from .errors import UserError
 
 VAL_FRACTION = 0.1
+MAX_TEXT_BYTES = 4 << 30   # the text, its tokens and their batches must fit in memory
 IGNORE = -1          # target id of padding: contributes nothing to the loss or the gradient
 CACHE_FORMAT = "randygpt-tokens-v1"
 
@@ -54,11 +56,23 @@ def read_text(path: str) -> str:
     if os.path.isdir(path):
         raise UserError(f"data path {path!r} is a directory; pass {{field}} PATH to a text file",
                         "data")
-    with open(path, "rb") as f:
-        raw = f.read()
-    if not raw.strip():
+    if not stat.S_ISREG(os.stat(path).st_mode):     # /dev/zero, a FIFO: no end, or no size
+        raise UserError(f"data path {path!r} is not a regular file (a device, pipe or socket); "
+                        "save the text to a file and pass {field} PATH", "data")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_TEXT_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"data file {path!r} cannot be read: {e.strerror}") from None
+    if len(raw) > MAX_TEXT_BYTES:
+        raise UserError(f"data file {path!r} is over {MAX_TEXT_BYTES >> 30} GiB, more than "
+                        "randyGPT holds in memory; train on a part of it", "data")
+    if not raw:
         raise UserError(f"data file {path!r} is empty; give it some text to learn from")
-    if b"\x00" in raw[:1 << 20]:
+    if not raw.strip():
+        raise UserError(f"data file {path!r} holds only whitespace ({len(raw):,} bytes); "
+                        "give it some text to learn from")
+    if b"\x00" in raw:                            # anywhere: a NUL deep inside is binary too
         raise UserError(f"data file {path!r} looks binary (it has NUL bytes); "
                         "randyGPT trains on UTF-8 text")
     try:

@@ -64,8 +64,9 @@ def test_builtin_sample_demo_stops_before_memorising(tmp_path):
 
 @pytest.mark.parametrize("content,fragment", [
     (b"", "empty"),
-    (b"   \n\n", "empty"),
+    (b"   \n\n", "only whitespace"),
     (b"\x00\x01\x02binary" * 50, "binary"),
+    (b"plain text. " * 300_000 + b"\x00" + b"more text. " * 100, "binary"),  # NUL at 3.6 MB
     (b"caf\xe9 au lait " * 100, "UTF-8"),
     (b"short text", "too short"),
 ])
@@ -218,3 +219,23 @@ def test_a_huge_finite_loss_is_divergence_and_keeps_the_last_good_checkpoint(tmp
         ckpt = load_checkpoint(str(out / "checkpoint.safetensors"))
         rows = (out / "metrics.jsonl").read_text().splitlines()
         assert json.loads(rows[-1])["iter"] <= ckpt.iter
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_data_that_is_not_a_regular_file_is_refused(tmp_path, kind):
+    path = "/dev/zero" if kind == "device" else str(tmp_path / "fifo")
+    if kind == "fifo":
+        os.mkfifo(path)
+    r = run(["train", "--data", path, "--iters", "2", "--out", str(tmp_path / "r"), *TINY],
+            timeout=60)
+    assert_one_line_error(r, "not a regular file", "--data")
+
+
+def test_an_unwritable_run_directory_is_refused_before_any_work(tmp_path):
+    data = tmp_path / "d.txt"
+    data.write_text("to be or not to be, that is the question. " * 40)
+    # /proc refuses new directories even to root (a chmod'ed directory does not stop root)
+    r = run(["train", "--data", str(data), "--iters", "2", "--out", "/proc/randygpt-run",
+             *TINY], timeout=60)
+    assert_one_line_error(r, "cannot write to the run directory", "--out")
+    assert "tokens:" not in r.stdout                 # refused before the data was encoded
