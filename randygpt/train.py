@@ -100,6 +100,8 @@ def prepare(plan: RunPlan, backend="fused", progress: bool | None = None,
     if origin is not None:
         tokenizer = origin.tokenizer
     elif plan.bpe_vocab_size is not None:
+        log(f"tokenizer: training a byte-level BPE of {plan.bpe_vocab_size} tokens on "
+            f"{len(plan.text):,} characters ...")
         t0 = time.perf_counter()
         tokenizer = BPETokenizer.train(split_text(plan.text, plan.doc_separator),
                                        plan.bpe_vocab_size)
