@@ -5,8 +5,9 @@ per-token val loss, and do generated documents have the corpus's length?
 
 Makes ~30k names-like words (a seeded letter Markov source, one per line), trains a tiny model
 on them with the CODE_DIR's randygpt (default: this tree) and --doc-separator '\\n', then
-prints the val loss the run logged, the exact loss over every token of its validation split
-(each document BOS ... EOS in one window, each target once) and the mean length of 2000
+prints the val loss the run logged, what that estimator averages to (its batches over 300
+batches instead of 20), the exact loss over every token of its validation split (each
+document BOS ... EOS in one window, each target once) and the mean length of 2000
 generated documents against the corpus's mean. Run it on two trees to compare them.
 """
 from __future__ import annotations
