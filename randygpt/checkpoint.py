@@ -50,6 +50,7 @@ class DataInfo:
     documents: int | None = None
     train_tokens: int | None = None
     val_tokens: int | None = None
+    val_split: str | None = None      # "random" or "tail" (None: written before it existed: tail)
 
 
 @dataclass
@@ -77,12 +78,74 @@ class CheckpointMeta:
 
     @classmethod
     def from_json(cls, info: dict) -> "CheckpointMeta":
+        """The metadata of a file, every field checked for its type and range: a forged or
+        damaged file (with a recomputed checksum) is a UserError, never a crash later."""
         meta = cls(**{k: info[k] for k in _META_FIELDS if info.get(k) is not None})
+        for name in ("iter", "optimizer_step", "num_params", "format_version"):
+            _check_count(name, getattr(meta, name))
+        for name in ("best_val_loss", "val_loss", "train_loss"):
+            v = getattr(meta, name)
+            if v is not None and not (_is_number(v) and math.isfinite(v) and v >= 0):
+                raise UserError(f"metadata field {name} is {v!r}, not a loss (a number >= 0)")
+        if meta.fine_tuned_from is not None and not isinstance(meta.fine_tuned_from, str):
+            raise UserError(f"metadata field fine_tuned_from is {meta.fine_tuned_from!r}, "
+                            "not a path")
         tc, data = meta.train_config, meta.data
-        return replace(meta, iter=int(meta.iter),
-                       train_config=TrainConfig.from_dict(tc) if tc is not None else None,
-                       data=DataInfo(**{k: v for k, v in data.items() if k in _DATA_FIELDS})
-                       if data is not None else None)
+        if tc is not None:
+            if not isinstance(tc, dict):
+                raise UserError(f"metadata field train_config is {tc!r}, not an object")
+            tc = TrainConfig.from_dict(tc)
+            check_config_types(tc, "train_config")
+            try:
+                tc.validate()
+            except UserError as e:
+                raise UserError(f"metadata train_config: {e}") from None
+        if data is not None:
+            if not isinstance(data, dict):
+                raise UserError(f"metadata field data is {data!r}, not an object")
+            data = DataInfo(**{k: v for k, v in data.items() if k in _DATA_FIELDS})
+            for k in ("path", "sha256", "doc_separator"):
+                if getattr(data, k) is not None and not isinstance(getattr(data, k), str):
+                    raise UserError(f"metadata field data.{k} is {getattr(data, k)!r}, "
+                                    "not a string")
+            for k in ("documents", "train_tokens", "val_tokens"):
+                _check_count(f"data.{k}", getattr(data, k))
+            if data.val_split not in (None, "random", "tail"):
+                raise UserError(f"metadata field data.val_split is {data.val_split!r}, not "
+                                "'random' or 'tail'")
+        if meta.rng is not None:
+            if not isinstance(meta.rng, dict) or not set(meta.rng) <= {"batch", "dropout"}:
+                raise UserError("metadata field rng is malformed (it holds the batch and "
+                                "dropout generator states)")
+            for k, state in meta.rng.items():
+                try:
+                    rng_from_state(state)
+                except UserError:
+                    raise
+                except Exception as e:      # numpy's setter raises several types
+                    raise UserError(f"metadata field rng.{k} is not a valid generator state "
+                                    f"({type(e).__name__})") from None
+        return replace(meta, train_config=tc, data=data)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_count(name: str, v) -> None:
+    if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+        raise UserError(f"metadata field {name} is {v!r}, not a whole number >= 0")
+
+
+def check_config_types(cfg, where: str) -> None:
+    """Each field of a config read from a file has its declared type (JSON could hold any)."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        ok = {"int": isinstance(v, int) and not isinstance(v, bool),
+              "float": _is_number(v) and math.isfinite(v),
+              "bool": isinstance(v, bool), "str": isinstance(v, str)}.get(f.type, True)
+        if not ok:
+            raise UserError(f"metadata field {where}.{f.name} is {v!r}, not a finite {f.type}")
 
 
 _DATA_FIELDS = tuple(DataInfo.__dataclass_fields__)
@@ -110,7 +173,7 @@ class Checkpoint:
     def resumable(self) -> bool:
         """Whether it holds the whole training state (optimizer, configs, RNG streams)."""
         return (self.optimizer_state is not None and self.train_config is not None
-                and self.meta.rng is not None)
+                and self.meta.rng is not None and set(self.meta.rng) == {"batch", "dropout"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +366,10 @@ def _read_info(header: dict, bad) -> dict:
 
 
 def _assemble(path, info, tensors, bad) -> Checkpoint:
+    if not isinstance(info.get("model_config"), dict):
+        raise bad("has no model configuration in its metadata")
     mcfg = ModelConfig.from_dict(info["model_config"])
+    check_config_types(mcfg, "model_config")
     mcfg.validate()
     tokenizer = tokenizer_from_dict(info["tokenizer"])
     if tokenizer.vocab_size != mcfg.vocab_size:
@@ -325,6 +391,9 @@ def _assemble(path, info, tensors, bad) -> Checkpoint:
                       f"{shape}")
         if t.dtype != np.float32:
             raise bad(f"has tensor {name} of dtype {t.dtype}; randyGPT checkpoints are float32")
+        if not np.isfinite(t).all():
+            raise bad(f"has NaN or inf values in tensor {name} (the run that wrote it "
+                      "diverged); use an earlier checkpoint")
     model = GPT(mcfg, seed=None)
     for name in expected:
         model.params[name][...] = tensors[name]
@@ -407,6 +476,9 @@ def find_checkpoint(checkpoint=None, run=None, runs_dir="runs") -> str:
 def summary(ckpt: Checkpoint) -> dict:
     """What `randygpt info` shows, as one JSON-able dict."""
     meta = ckpt.meta
+    # the best val loss is only news where its checkpoint exists (a failed write, a copied file)
+    best = os.path.join(os.path.dirname(os.path.abspath(ckpt.path)), BEST)
+    has_best = os.path.isfile(best)
     return {
         "path": ckpt.path,
         "file_size": os.path.getsize(ckpt.path),
@@ -415,7 +487,8 @@ def summary(ckpt: Checkpoint) -> dict:
         "num_params": int(ckpt.model.num_params),
         "iter": ckpt.iter,
         "optimizer_step": meta.optimizer_step,
-        "best_val_loss": meta.best_val_loss,
+        "best_val_loss": meta.best_val_loss if has_best else None,
+        "best_checkpoint": best if has_best else None,
         "val_loss": meta.val_loss,
         "tokenizer": {"kind": ckpt.tokenizer.to_dict().get("kind"),
                       "vocab_size": int(ckpt.tokenizer.vocab_size)},

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -29,8 +30,8 @@ def _nonneg_float(s):
         v = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"{s} must be a number >= 0")
+    if not (v >= 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"{s} must be a finite number >= 0")
     return v
 
 
@@ -76,6 +77,9 @@ def _add_train(sub) -> None:
     e.add_argument("--sample-tokens", type=int, default=300,
                    help="tokens of text to generate at the end (0 = none; default 300)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument("--exact-eval", action="store_true",
+                   help="score the whole validation split (each token once) at every "
+                   "evaluation and pick the best checkpoint by it (default: at the end only)")
     c = t.add_argument_group("checkpoints")
     c.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue a run exactly where its checkpoint left it: PATH, or without "
@@ -91,6 +95,10 @@ def _add_train(sub) -> None:
     k.add_argument("--doc-separator", metavar="STRING", default=None,
                    help="split the text into documents at STRING (\\n, \\t, \\\\ are "
                    "escapes, e.g. '\\n\\n' for a blank line); no training window spans two")
+    k.add_argument("--val-split", choices=("random", "tail"), default=None,
+                   help="validation data: a seeded random 10%% of the documents (default with "
+                   "--doc-separator: a sorted file's tail is not like the rest), or the last "
+                   "10%% of the text (default without)")
     m = t.add_argument_group("several processes: mpiexec -n N randygpt train ...")
     m.add_argument("--comm-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="end the job when the other ranks have not answered for SECONDS "
@@ -124,9 +132,11 @@ def cmd_train(args) -> int:
         plan = world.together(lambda: plan_run(
             given, preset=args.preset, resume=args.resume, fine_tune=args.fine_tune,
             data_path=args.data, out_dir=args.out, runs_dir="runs", bpe_vocab_size=args.bpe,
-            doc_separator=None if args.doc_separator is None else _unescape(args.doc_separator)))
+            doc_separator=None if args.doc_separator is None else _unescape(args.doc_separator),
+            val_split=args.val_split))
         result = train(plan, backend=args.backend, sample_tokens=max(0, args.sample_tokens),
-                       progress=False if args.no_progress else None, world=world)
+                       progress=False if args.no_progress else None, world=world,
+                       exact_eval=args.exact_eval)
     except BaseException as e:
         if world.size > 1 and not getattr(e, "agreed", False):
             _end_job(world, e)                   # the other ranks would wait for this one
@@ -155,9 +165,11 @@ def _finish_train(result, out) -> int:
     """The summary of a finished run; exit 128 + signal for a run a signal stopped (130, 143)."""
     if result.signal is not None:
         return 128 + result.signal
-    bpc = result.history[-1].get("val_bpc") if result.history else None
+    last = result.history[-1] if result.history else {}
+    bpc, exact = last.get("val_bpc"), last.get("val_loss_exact")
     print(f"done: {result.iters_done} iterations, train loss {result.train_loss:.4f}, "
           f"val loss {result.val_loss:.4f}" + (f", val bpc {bpc:.4f}" if bpc is not None else "") +
+          (f", exact val loss {exact:.4f}" if exact is not None else "") +
           f"; metrics in {os.path.join(out, 'metrics.jsonl')}, "
           f"checkpoint in {result.checkpoint}")
     if result.sample:
@@ -211,7 +223,8 @@ def cmd_info(args) -> int:
         print(json.dumps(s))
         return 0
     m, t, tok = s["model_config"], s["train_config"], s["tokenizer"]
-    best = "none yet" if s["best_val_loss"] is None else f"{s['best_val_loss']:.4f}"
+    best = (f"{s['best_val_loss']:.4f}" if s["best_val_loss"] is not None else
+            "none (no checkpoint_best.safetensors beside it)")
     print(f"checkpoint: {s['path']} ({s['file_size']:,} bytes, format version "
           f"{s['format_version']})")
     print(f"model: {m['n_layer']} layers, {m['n_embd']} dim, {m['n_head']} heads, block "
@@ -239,7 +252,15 @@ def _add_generate_and_eval(sub) -> None:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="", metavar="TEXT",
                      help="text to continue; empty: start a new document (from BOS)")
-    src.add_argument("--prompt-file", metavar="F", help="read the prompt from a UTF-8 file")
+    src.add_argument("--prompt-file", metavar="F",
+                     help="read the prompt from a UTF-8 file ('-': standard input)")
+    b = g.add_mutually_exclusive_group()
+    b.add_argument("--bos", dest="bos", action="store_true", default=None,
+                   help="the prompt begins a new document: BOS, then the prompt (default for a "
+                   "model trained with --doc-separator)")
+    b.add_argument("--no-bos", dest="bos", action="store_false",
+                   help="the prompt continues a text (default for a model trained without "
+                   "--doc-separator)")
     g.add_argument("--max-tokens", type=int, default=500, metavar="N",
                    help="stop after N new tokens (default 500)")
     g.add_argument("--temperature", type=float, default=0.8, metavar="T",
@@ -257,6 +278,9 @@ def _add_generate_and_eval(sub) -> None:
                         "\\n, \\t and \\\\ are read as newline, tab, backslash")
     g.add_argument("--num-samples", type=int, default=1, metavar="N",
                    help="independent samples, separated by a line '---' (default 1)")
+    g.add_argument("--separator", metavar="S", default=None,
+                   help="print S between samples instead of a line '---' (\\n etc. are "
+                   "escapes: --separator '\\n' prints one sample per line)")
     g.add_argument("--echo", action="store_true", help="print the prompt before the completion")
 
     e = sub.add_parser("eval", help="measure a model's loss on a text file",
@@ -264,6 +288,13 @@ def _add_generate_and_eval(sub) -> None:
                        "on a text, over the whole text in non-overlapping block-sized windows.")
     _add_checkpoint_flags(e)
     e.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text to evaluate on")
+    e.add_argument("--doc-separator", metavar="STRING", default=None,
+                   help="score the text as documents split at STRING, each framed BOS ... EOS "
+                   "as training frames them (use the separator the model was trained with)")
+    e.add_argument("--stride", type=_positive_int, default=None, metavar="S",
+                   help="sliding windows: each window after the first scores S new tokens, so "
+                   "every token sees at least block-S tokens of context (1: full context; "
+                   "default: non-overlapping windows)")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -298,6 +329,9 @@ def _unescape(s: str) -> str:
     return "".join(out)
 
 
+MAX_PROMPT_BYTES = 16 << 20
+
+
 def cmd_generate(args) -> int:
     from .sample import SamplingConfig
     from .session import generate
@@ -307,7 +341,12 @@ def cmd_generate(args) -> int:
         raise UserError("{field} %d must be at least 1" % args.num_samples, "num_samples")
     stops = [_unescape(s) for s in args.stop]
     prompt = args.prompt
-    if args.prompt_file is not None:
+    if args.prompt_file == "-":
+        try:
+            prompt = sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1).decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError("the prompt on standard input is not valid UTF-8") from None
+    elif args.prompt_file is not None:
         if not os.path.isfile(args.prompt_file):
             raise UserError(f"prompt file {args.prompt_file!r} does not exist")
         try:
@@ -315,26 +354,35 @@ def cmd_generate(args) -> int:
                 prompt = f.read()
         except UnicodeDecodeError:
             raise UserError(f"prompt file {args.prompt_file!r} is not valid UTF-8") from None
+    if len(prompt.encode("utf-8")) > MAX_PROMPT_BYTES:
+        raise UserError(f"the prompt is over {MAX_PROMPT_BYTES >> 20} MiB; a model sees only "
+                        "its last block of tokens: pass the end of it")
+    separator = "\n---\n" if args.separator is None else _unescape(args.separator)
     ckpt = _load_model(args)
     import numpy as np
 
     from .blas import set_blas_threads
+    from .sample import encode_prompt
+    bos = args.bos
+    if bos is None:         # a document-trained model saw every document start at BOS
+        bos = ckpt.meta.data is not None and ckpt.meta.data.doc_separator is not None
+    ids = encode_prompt(ckpt.tokenizer, prompt, bos=bos)
     set_blas_threads(1)        # one vector at a time: more BLAS threads only wait (see blas.py)
     rng = np.random.default_rng(args.seed)
     out = sys.stdout
     try:
         for i in range(args.num_samples):
-            events = generate(ckpt.model, ckpt.tokenizer, prompt, args.max_tokens, sampling,
-                              stops, rng)           # validates the prompt before any output
+            events = generate(ckpt.model, ckpt.tokenizer, ids, args.max_tokens, sampling,
+                              stops, rng)           # validates the settings before any output
             if i:
-                out.write("---\n")
+                out.write(separator)
             if args.echo:
                 out.write(prompt)
             for event in events:
                 out.write(event.text)
                 out.flush()
-            out.write("\n")
-            out.flush()
+        out.write("\n")
+        out.flush()
     except BrokenPipeError:       # the reader left (e.g. `| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
@@ -347,7 +395,13 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate_text
     text = read_text(args.data)
     ckpt = _load_model(args)
-    r = evaluate_text(ckpt.model, ckpt.tokenizer, text)
+    sep = None if args.doc_separator is None else _unescape(args.doc_separator)
+    trained_with = (ckpt.meta.data.doc_separator if ckpt.meta.data else None)
+    if sep is None and trained_with is not None:
+        print(f"randygpt eval: note: this model was trained on documents split at "
+              f"{trained_with!r}; pass --doc-separator to score the text as it was trained",
+              file=sys.stderr)
+    r = evaluate_text(ckpt.model, ckpt.tokenizer, text, separator=sep, stride=args.stride)
     if args.json:
         print(json.dumps(dict(checkpoint=ckpt.path, data=args.data, **r.to_dict())))
     else:

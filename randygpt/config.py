@@ -107,6 +107,10 @@ class TrainConfig(_Config):
                         "losses")
 
     def validate(self) -> None:
+        for f in fields(self):          # inf/NaN pass comparisons below, and JSON holds neither
+            if f.type == "float" and not math.isfinite(getattr(self, f.name)):
+                raise UserError(f"{{field}} {getattr(self, f.name)} must be a finite number",
+                                f.name)
         for name in ("iters", "batch_size", "grad_accum", "eval_interval", "eval_iters"):
             if getattr(self, name) < 1:
                 raise UserError(f"{{field}} {getattr(self, name)} must be at least 1", name)

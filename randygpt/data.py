@@ -9,9 +9,17 @@ int32 stream with an offsets array. A training window never spans two documents:
   IGNORE (the loss skips them) and whose inputs repeat the last token. Attention is causal,
   so padding after a document cannot change the predictions inside it.
 
-Batches draw documents in proportion to their number of targets, then a window uniformly
-inside the document, so every document is trained on about as often as its size says.
-Without a separator the whole text is one document, and this is plain uniform windows.
+Every predicted token weighs the same (in expectation). A piece of n targets has n+T-1
+windows, one per offset s in [-(T-1), n-1]; window s counts the targets [max(s,0), min(s+T,n)),
+so every target lies in exactly T windows whatever its piece's length. A batch row draws one
+window uniformly among all windows of all pieces (a piece in proportion to n+T-1). The row
+holds the T tokens that end at the window's last target (or the piece from its start), so a
+counted target sees all the context the block allows; targets outside the window are IGNORE.
+(Drawing a short document in proportion to its length and counting all of its tokens would
+weigh each token by its document's length: the logged loss and the choice of the best
+checkpoint lean to long documents, and generated documents come out too long.)
+Without a separator the whole text is one piece, drawn as plain uniform windows of T targets
+(nanoGPT's; the first and last T tokens of a long text weigh a little less).
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,6 +38,7 @@ import numpy as np
 from .errors import UserError
 
 VAL_FRACTION = 0.1
+MAX_TEXT_BYTES = 4 << 30   # the text, its tokens and their batches must fit in memory
 IGNORE = -1          # target id of padding: contributes nothing to the loss or the gradient
 CACHE_FORMAT = "randygpt-tokens-v1"
 
@@ -46,11 +56,23 @@ def read_text(path: str) -> str:
     if os.path.isdir(path):
         raise UserError(f"data path {path!r} is a directory; pass {{field}} PATH to a text file",
                         "data")
-    with open(path, "rb") as f:
-        raw = f.read()
-    if not raw.strip():
+    if not stat.S_ISREG(os.stat(path).st_mode):     # /dev/zero, a FIFO: no end, or no size
+        raise UserError(f"data path {path!r} is not a regular file (a device, pipe or socket); "
+                        "save the text to a file and pass {field} PATH", "data")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_TEXT_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"data file {path!r} cannot be read: {e.strerror}") from None
+    if len(raw) > MAX_TEXT_BYTES:
+        raise UserError(f"data file {path!r} is over {MAX_TEXT_BYTES >> 30} GiB, more than "
+                        "randyGPT holds in memory; train on a part of it", "data")
+    if not raw:
         raise UserError(f"data file {path!r} is empty; give it some text to learn from")
-    if b"\x00" in raw[:1 << 20]:
+    if not raw.strip():
+        raise UserError(f"data file {path!r} holds only whitespace ({len(raw):,} bytes); "
+                        "give it some text to learn from")
+    if b"\x00" in raw:                            # anywhere: a NUL deep inside is binary too
         raise UserError(f"data file {path!r} looks binary (it has NUL bytes); "
                         "randyGPT trains on UTF-8 text")
     try:
@@ -114,12 +136,14 @@ class Documents:
         return int(np.maximum(np.diff(self.bounds) - 1, 0).sum())
 
     def windows(self, block_size: int):
-        """Per piece: sampling cdf over pieces (by targets) and the count of window starts."""
+        """Per piece: the cdf of window counts (n_targets + T - 1; 0 for a piece without
+        targets) and the count of plain window starts (one piece: uniform T-target windows)."""
         if block_size not in self._index:
             lengths = np.diff(self.bounds)
-            targets = np.maximum(lengths - 1, 0).astype(np.float64)
+            targets = np.maximum(lengths - 1, 0)
+            n_windows = np.where(targets > 0, targets + block_size - 1, 0).astype(np.float64)
             n_starts = np.maximum(lengths - block_size, 1)
-            self._index[block_size] = (np.cumsum(targets), n_starts)
+            self._index[block_size] = (np.cumsum(n_windows), n_starts)
         return self._index[block_size]
 
 
@@ -162,12 +186,13 @@ def cache_key(text: str, tokenizer, separator: str | None) -> str:
 
 def load_documents(text: str, tokenizer, separator: str | None = None,
                    cache_dir: str | None = None, progress: bool | None = None,
-                   log=print) -> Documents:
+                   log=print, check=None) -> Documents:
     """The text as framed documents, from the token cache in cache_dir when it has them.
 
     The cache file is tokens-<hash>.npy with the hash of (text, tokenizer, separator), so a
     changed text or tokenizer is a different file; a file that does not fit (damaged, cut
     short) is ignored and written again. Writes go to a temporary file, then a rename.
+    `check(docs)` runs before the cache is written: a run it refuses leaves no cache file.
     """
     texts = split_text(text, separator)
     if separator is not None and len(texts) == 1:
@@ -178,12 +203,16 @@ def load_documents(text: str, tokenizer, separator: str | None = None,
         docs = _read_cache(path, texts, tokenizer)
         if docs is not None:
             log(f"tokens: {len(docs):,} from the cache {path}")
+            if check is not None:
+                check(docs)
             return docs
     t0 = time.perf_counter()
     docs = encode_documents(texts, tokenizer, progress)
     n_docs = f" in {docs.n_docs:,} documents" if docs.n_docs > 1 else ""
     log(f"tokens: encoded {len(text):,} characters to {len(docs):,} {tokenizer.kind} tokens"
         f"{n_docs} in {time.perf_counter() - t0:.2f} s")
+    if check is not None:
+        check(docs)
     if path is not None:
         _write_cache(path, docs.tokens, log)
     return docs
@@ -232,14 +261,22 @@ class Split:
 
 
 def split_documents(docs: Documents, block_size: int, decode=None,
-                    source: str = "the text") -> Split:
-    """About the last 10 % of tokens for validation, as whole documents where a document
+                    source: str = "the text", shuffle: bool = False, seed: int = 0) -> Split:
+    """`shuffle`: a seeded random 10 % of the documents (by tokens) for validation (see
+    random_split); otherwise, or when that cannot be done, the tail split:
+
+    About the last 10 % of tokens for validation, as whole documents where a document
     boundary lies near the 90 % mark (validation between half and twice its 10 % share);
     otherwise (one document, or a few long ones) cut at the mark, the cut document giving
     its head to training and its tail to validation. Either way windows stay inside a piece.
     `decode` counts the characters of a cut document's head (else estimated from tokens)."""
     n = len(docs)
     n_val = int(n * VAL_FRACTION)
+    if shuffle and docs.n_docs > 1:
+        split = random_split(docs, seed)
+        if split is not None:
+            _check_long_enough(n, len(split.val), block_size, source)
+            return split
     mark = n - n_val
     inner = docs.bounds[1:-1]
     ok = inner[(n - inner >= n_val / 2) & (n - inner <= 2 * n_val)]
@@ -262,6 +299,38 @@ def split_documents(docs: Documents, block_size: int, decode=None,
     val_chars[0] -= head_chars
     val = Documents(docs.tokens[cut:], np.append(cut, docs.bounds[k + 1:]) - cut, val_chars)
     return Split(train, val)
+
+
+def random_split(docs: Documents, seed: int) -> Split | None:
+    """Whole documents in a seeded random order go to validation until it holds 10 % of the
+    tokens (a document that would take it past twice that is skipped); each side keeps the
+    file's order. A file sorted by anything (names by frequency, papers by date) would
+    otherwise validate on its last, different 10 %. None when no such set exists (a few
+    long documents): the caller cuts at the tail instead."""
+    lengths = np.diff(docs.bounds)
+    n_val = int(len(docs) * VAL_FRACTION)
+    order = np.random.default_rng([seed, 0x5B1D]).permutation(docs.n_docs)
+    fits = np.cumsum(lengths[order])
+    k = int(np.searchsorted(fits, n_val))          # the first k+1 reach n_val
+    chosen = order[:k + 1]
+    if fits[min(k, len(fits) - 1)] > 2 * n_val:   # a long document overshoots: skip the big
+        small = order[lengths[order] <= n_val]
+        fits = np.cumsum(lengths[small])
+        k = int(np.searchsorted(fits, n_val))
+        if k >= len(small):
+            return None
+        chosen = small[:k + 1]
+    is_val = np.zeros(docs.n_docs, dtype=bool)
+    is_val[chosen] = True
+    if is_val.all():
+        return None
+    token_is_val = np.repeat(is_val, lengths)
+
+    def part(mask_docs, mask_tokens):
+        return Documents(docs.tokens[mask_tokens],
+                         np.concatenate([[0], np.cumsum(lengths[mask_docs])]).astype(np.int64),
+                         docs.chars[mask_docs].copy())
+    return Split(part(~is_val, ~token_is_val), part(is_val, token_is_val))
 
 
 def _piece_at(bounds: np.ndarray, i: int) -> tuple[int, int, int]:
@@ -298,18 +367,24 @@ def get_batch(data, batch_size: int, block_size: int, rng):
 
     cdf, n_starts = data.windows(T)
     if data.n_docs == 1:     # one piece: the same draws as a plain stream
-        piece = np.zeros(batch_size, dtype=np.int64)
-        offset = rng.integers(0, n_starts[0], size=batch_size)
-    else:
+        start = rng.integers(0, n_starts[0], size=batch_size) + data.bounds[0]
+        end = np.full((batch_size, 1), data.bounds[1])
+        first = start                                                 # every target counts
+    else:                    # a window uniformly among all windows (see the module notes)
         piece = np.searchsorted(cdf, rng.random(batch_size) * cdf[-1], side="right")
         piece = np.minimum(piece, data.n_docs - 1)                    # guards u*total == total
-        offset = (rng.random(batch_size) * n_starts[piece]).astype(np.int64)
-    start = data.bounds[piece] + offset                               # (B,)
-    end = data.bounds[piece + 1][:, None]                             # (B, 1) exclusive
+        n = data.bounds[piece + 1] - data.bounds[piece] - 1           # (B,) targets per piece
+        s = (rng.random(batch_size) * (n + T - 1)).astype(np.int64) - (T - 1)
+        lo, hi = np.maximum(s, 0), np.minimum(s + T, n)               # counted targets [lo, hi)
+        row = np.maximum(hi - T, 0)                                   # the row's first input
+        start = data.bounds[piece] + row                              # (B,)
+        first = data.bounds[piece] + lo
+        end = (data.bounds[piece] + hi + 1)[:, None]                  # (B, 1) exclusive
     window = start[:, None] + np.arange(T + 1)                        # (B, T+1)
     inside = window < end
     chunk = data.tokens[np.minimum(window, end - 1)].astype(np.int64)
-    x, y = chunk[:, :-1], np.where(inside[:, 1:], chunk[:, 1:], IGNORE)
+    counted = inside[:, 1:] & (window[:, 1:] > first[:, None])        # targets in the window
+    x, y = chunk[:, :-1], np.where(counted, chunk[:, 1:], IGNORE)
     width = int(inside.sum(axis=1).max()) - 1                         # longest row's targets
     if width < T:
         x, y = x[:, :width], y[:, :width]

@@ -14,9 +14,13 @@ is a RunPlan; train() runs it without checking it again.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
+import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from .checkpoint import (BEST, LATEST, Checkpoint, DataInfo, load_checkpoint,
@@ -47,6 +51,7 @@ class RunPlan:
     fine_tune: Checkpoint | None = None
     bpe_vocab_size: int | None = None   # train a byte-level BPE tokenizer (fresh runs only)
     doc_separator: str | None = None
+    val_split: str = "tail"       # "random": a seeded random 10 % of the documents (data.py)
     cache_dir: str | None = None
     notices: tuple = ()           # what the user should be told (the demo, the built-in text)
 
@@ -67,13 +72,17 @@ class Contradiction(UserError):
 def plan_run(*configs, preset: str | None = None, resume=None, fine_tune=None,
              data_path: str | None = None, text: str | None = None, out_dir: str | None = None,
              runs_dir: str | None = None, bpe_vocab_size: int | None = None,
-             doc_separator: str | None = None, cache_dir: str | None = None) -> RunPlan:
+             doc_separator: str | None = None, cache_dir: str | None = None,
+             val_split: str | None = None) -> RunPlan:
     """The plan of a run. `configs`: ModelConfig / TrainConfig objects or dicts of config field
     -> value, the settings chosen explicitly (later ones win); `preset`: a PRESETS name chosen
     explicitly (fresh runs default to DEFAULT_PRESET). `resume` / `fine_tune`: a Checkpoint or
     a path; resume "" is out_dir's latest checkpoint. `runs_dir`: where the default run
     directory goes when out_dir is None (neither: nothing is written). `cache_dir`: default,
-    token-cache next to the run directory."""
+    token-cache next to the run directory. `val_split`: "random" (default with a
+    doc_separator) or "tail" (default without; a resume keeps its checkpoint's)."""
+    if val_split not in (None, "random", "tail"):
+        raise UserError(f"{{field}} {val_split!r} must be 'random' or 'tail'", "val_split")
     chosen = {}
     for c in configs:
         chosen.update(c if isinstance(c, dict) else c.to_dict())
@@ -91,11 +100,17 @@ def plan_run(*configs, preset: str | None = None, resume=None, fine_tune=None,
     if resume is not None:
         plan = _resume(chosen, preset, _checkpoint_to_resume(resume, out_dir), text, data_path,
                        out_dir, doc_separator)
+        kept = plan.resume.meta.data.val_split if plan.resume.meta.data else None
+        if val_split is not None and val_split != (kept or "tail"):
+            raise UserError(f"{{field}} {val_split} differs from {plan.resume.path}'s "
+                            f"({kept or 'tail'}); resume with the same split", "val_split")
+        plan = replace(plan, val_split=kept or "tail")
     else:
         if fine_tune is not None and not isinstance(fine_tune, Checkpoint):
             fine_tune = load_checkpoint(fine_tune)
         plan = _fresh(chosen, preset, fine_tune, text, data_path, out_dir, runs_dir)
-        plan = replace(plan, bpe_vocab_size=bpe_vocab_size, doc_separator=doc_separator)
+        plan = replace(plan, bpe_vocab_size=bpe_vocab_size, doc_separator=doc_separator,
+                       val_split=val_split or ("random" if doc_separator else "tail"))
     plan.train.validate()
     if plan.out_dir is not None:
         _check_run_dir(plan.out_dir, plan.resume)
@@ -209,6 +224,50 @@ def _check_run_dir(out_dir: str, resume: Checkpoint | None) -> None:
                             "that run with {field}, or choose another run directory", "resume")
     if os.path.isdir(out_dir):
         remove_stale_temp_files(out_dir)
+
+
+LOCK = "randygpt.lock"
+
+
+@contextmanager
+def lock_run_dir(out_dir: str | None, resume: Checkpoint | None = None, check: bool = True):
+    """Hold an exclusive lock on the run directory while the body runs: a second process
+    (train, resume) on it is refused in one line. flock: the kernel releases the lock when its
+    holder dies, even by SIGKILL, so a stale lock file never blocks anything. The run rules are
+    checked again under the lock (another run may have written a checkpoint since the plan);
+    a directory made here and left empty by a refused run is removed."""
+    if out_dir is None:
+        yield
+        return
+    created = not os.path.exists(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd = os.open(os.path.join(out_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise UserError(f"cannot write to the run directory {out_dir}: "
+                        f"{e.strerror or e}; choose another {{field}}", "out") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise UserError(f"{out_dir} is in use by another randygpt process (pid {holder}); "
+                            "wait for it to finish, or choose another {field}", "out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if check:
+            _check_run_dir(out_dir, resume)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            if not ok and created and set(os.listdir(out_dir)) <= {LOCK}:
+                shutil.rmtree(out_dir, ignore_errors=True)    # a refused run leaves nothing
+    finally:
+        os.close(fd)           # releases the lock
 
 
 def _read(text: str | None, data_path: str | None) -> str:

@@ -133,10 +133,14 @@ class StopFilter:
 # --------------------------------------------------------------------------------------------
 # Prompt in, text out
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """The prompt's ids; an empty prompt is [BOS]. Unknown characters are a UserError."""
+def encode_prompt(tokenizer, prompt: str, bos: bool = False) -> list[int]:
+    """The prompt's ids; an empty prompt is [BOS]. `bos`: the prompt begins a new document
+    (BOS first), as every training document does; without it the prompt continues text of
+    unknown start. Unknown characters are a UserError."""
     if not prompt:
         return [tokenizer.bos_id]
+    if bos:
+        return [tokenizer.bos_id] + encode_prompt(tokenizer, prompt)
     unknown = tokenizer.unknown_chars(prompt) if hasattr(tokenizer, "unknown_chars") else []
     if unknown:
         shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")

@@ -23,6 +23,7 @@ MAX_CHAR_VOCAB = 512
 BOS_TOKEN, EOS_TOKEN = "<|bos|>", "<|eos|>"
 DEFAULT_BPE_VOCAB = 1024
 MIN_BPE_VOCAB = 256 + 2          # every byte, plus BOS and EOS
+MAX_TRAIN_WORD = 256             # BPE training cuts runs of non-space characters longer than this
 ENCODE_CHUNK_CHARS = 1 << 14     # BPE encodes a long text in pieces of about this many chars
 
 
@@ -115,9 +116,13 @@ class BPETokenizer:
                             "it was not made by randyGPT: train a new one with {field}", "bpe")
 
     @classmethod
-    def train(cls, texts, vocab_size: int = DEFAULT_BPE_VOCAB) -> "BPETokenizer":
+    def train(cls, texts, vocab_size: int = DEFAULT_BPE_VOCAB,
+              max_word: int | None = MAX_TRAIN_WORD) -> "BPETokenizer":
         """Learn merges from `texts` (a string or a list of documents; merges never span
-        two of them) up to vocab_size ids: 256 bytes + BOS + EOS + merges."""
+        two of them) up to vocab_size ids: 256 bytes + BOS + EOS + merges. Runs of more than
+        `max_word` characters without whitespace (text without spaces: the pre-tokenizer
+        would make it one huge word, and the trainer is slow on those) are learnt from in
+        pieces of max_word characters; text without such runs trains exactly as before."""
         if vocab_size < MIN_BPE_VOCAB:
             raise UserError(f"{{field}} {vocab_size} is too small: a byte-level vocabulary needs "
                             f"at least {MIN_BPE_VOCAB} ids (256 bytes + BOS + EOS)", "bpe")
@@ -128,7 +133,10 @@ class BPETokenizer:
         trainer = tk.trainers.BpeTrainer(
             vocab_size=vocab_size, special_tokens=[BOS_TOKEN, EOS_TOKEN], show_progress=False,
             initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())   # all 256 bytes: no unknowns
-        tok.train_from_iterator([texts] if isinstance(texts, str) else texts, trainer)
+        texts = [texts] if isinstance(texts, str) else texts
+        if max_word is not None:
+            texts = [piece for t in texts for piece in _training_pieces(t, max_word)]
+        tok.train_from_iterator(texts, trainer)
         return cls(tok.to_str())
 
     @property
@@ -216,6 +224,22 @@ def _safe_chunks(text: str, size: int) -> list[str]:
         pieces.append(text[i:j])
         i = j
     return pieces
+
+
+def _training_pieces(text: str, max_word: int) -> list[str]:
+    """`text` with every run of over max_word non-space characters cut into max_word pieces
+    (the pieces are separate training texts, so no merge spans a cut)."""
+    long_runs = list(re.finditer(r"\S{%d,}" % (max_word + 1), text))
+    if not long_runs:
+        return [text]
+    pieces, at = [], 0
+    for m in long_runs:
+        pieces.append(text[at:m.start()])
+        pieces.extend(text[i:min(i + max_word, m.end())]
+                      for i in range(m.start(), m.end(), max_word))
+        at = m.end()
+    pieces.append(text[at:])
+    return [p for p in pieces if p]
 
 
 def _import_tokenizers():

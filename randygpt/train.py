@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -34,12 +35,14 @@ from .distributed import World
 from .data import (Split, bits_per_char, get_batch, load_documents, split_documents,
                    split_text)
 from .errors import UserError
+from .evaluate import evaluate_documents
+from .memory import check_memory, estimate_training_bytes
 from .model import GPT
 from .ops.contract import get_backend
 from .optim import lr_at
-from .runs import RunPlan
+from .runs import RunPlan, lock_run_dir
 from .sample import SamplingConfig
-from .session import complete
+from .session import complete, generate
 from .step import make_optimizer, train_step
 from .tokenizer import BPETokenizer, CharTokenizer
 
@@ -103,6 +106,8 @@ def prepare(plan: RunPlan, backend="fused", progress: bool | None = None,
     if origin is not None:
         tokenizer = origin.tokenizer
     elif plan.bpe_vocab_size is not None:
+        log(f"tokenizer: training a byte-level BPE of {plan.bpe_vocab_size} tokens on "
+            f"{len(plan.text):,} characters ...")
         t0 = time.perf_counter()
         tokenizer = BPETokenizer.train(split_text(plan.text, plan.doc_separator),
                                        plan.bpe_vocab_size)
@@ -112,14 +117,22 @@ def prepare(plan: RunPlan, backend="fused", progress: bool | None = None,
         tokenizer = CharTokenizer.from_text(plan.text)
     mcfg, tcfg = replace(plan.model, vocab_size=tokenizer.vocab_size), plan.train
     mcfg.validate()
-    docs = load_documents(plan.text, tokenizer, plan.doc_separator, plan.cache_dir,
-                          progress=progress, log=log)
+    # before any allocation: text, int32 tokens and their int64 batches ~ 16 bytes a character
+    check_memory(estimate_training_bytes(mcfg, tcfg, data_bytes=16 * len(plan.text)))
+    if origin is not None:
+        _check_known_characters(plan.text, tokenizer, "resume" if plan.resume else "fine_tune")
     source = repr(plan.data_path) if plan.data_path else "the text"
-    split = split_documents(docs, mcfg.block_size, tokenizer.decode, source=source)
+    splits = []         # the split is made before the token cache is written: a refused run
+    docs = load_documents(plan.text, tokenizer, plan.doc_separator, plan.cache_dir,
+                          progress=progress, log=log, check=lambda d: splits.append(
+                              split_documents(d, mcfg.block_size, tokenizer.decode,
+                                              source=source, seed=tcfg.seed,
+                                              shuffle=plan.val_split == "random")))
+    split = splits[0]
     data = DataInfo(path=os.path.abspath(plan.data_path) if plan.data_path else None,
                     sha256=plan.text_sha256, doc_separator=plan.doc_separator,
                     documents=docs.n_docs, train_tokens=len(split.train),
-                    val_tokens=len(split.val))
+                    val_tokens=len(split.val), val_split=plan.val_split)
 
     init_rng, batch_rng, dropout_rng = rng_streams(tcfg.seed)
     backend = get_backend(backend)       # numba loads only for the fused backend
@@ -154,16 +167,35 @@ def prepare(plan: RunPlan, backend="fused", progress: bool | None = None,
     return run
 
 
+def _check_known_characters(text: str, tokenizer, field: str) -> None:
+    unknown = tokenizer.unknown_chars(text) if hasattr(tokenizer, "unknown_chars") else []
+    if unknown:
+        shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+        raise UserError(f"the text has {len(unknown)} character(s) the checkpoint's tokenizer "
+                        f"does not know: {shown}; {{field}} keeps the checkpoint's tokenizer, so "
+                        "remove them from the text, or start a new run to train a new one", field)
+
+
 def train(plan: RunPlan, *, backend="fused", sample_tokens: int = 300,
           progress: bool | None = None, log=print, stop_after: int | None = None,
-          world: World | None = None) -> TrainResult:
+          world: World | None = None, exact_eval: bool = False) -> TrainResult:
     """Train the plan to plan.train.iters total iterations on `backend` (a name or a Backend).
     `stop_after`: stop as a signal would, after that many total iterations (for scripted runs
     and tests). `progress`: a bar (None: when stderr is a terminal). `world`: the ranks of an
-    MPI job (distributed.open_world); None: this process alone."""
+    MPI job (distributed.open_world); None: this process alone. The last evaluation also
+    scores the whole validation split exactly (each target once); `exact_eval`: every
+    evaluation does, and the best checkpoint is chosen by that exact loss."""
     world = world or World()
     if not world.is_root:                 # the other ranks print only errors
         log, progress = _silent, False
+    with ExitStack() as held:             # rank 0 alone holds (and writes) the run directory
+        world.together(lambda: held.enter_context(
+            lock_run_dir(plan.out_dir if world.is_root else None, plan.resume)))
+        return _train(plan, backend, sample_tokens, progress, log, stop_after, exact_eval, world)
+
+
+def _train(plan, backend, sample_tokens, progress, log, stop_after, exact_eval,
+           world) -> TrainResult:
     run = world.together(lambda: prepare(plan, backend, progress, log, world))
     model, tcfg, tokenizer = run.model, plan.train, run.tokenizer
     rows = tcfg.batch_size * tcfg.grad_accum          # this rank's share of a step's batch
@@ -171,7 +203,7 @@ def train(plan: RunPlan, *, backend="fused", sample_tokens: int = 300,
     tokens_per_iter = rows * world.size * model.cfg.block_size
     train_time = 0.0
     # overflow warnings would bury the one-line divergence error: the loop checks every loss
-    with Reporter(run, progress, log, world) as report, \
+    with Reporter(run, progress, log, world, exact_eval) as report, \
             np.errstate(over="ignore", invalid="ignore"):
         for it in range(run.start_iter, tcfg.iters):
             lr = lr_at(it, tcfg.iters, tcfg.lr, tcfg.min_lr, tcfg.warmup, tcfg.decay_frac)
@@ -203,10 +235,26 @@ def train(plan: RunPlan, *, backend="fused", sample_tokens: int = 300,
         return result
     if sample_tokens <= 0 or not world.is_root:
         return result
-    sample = complete(model, tokenizer, "", max_tokens=sample_tokens,
-                      sampling=SamplingConfig(temperature=0.8),
-                      rng=np.random.default_rng(tcfg.seed))
+    rng = np.random.default_rng(tcfg.seed)
+    if plan.doc_separator is None:
+        sample = complete(model, tokenizer, "", max_tokens=sample_tokens,
+                          sampling=SamplingConfig(temperature=0.8), rng=rng)
+    else:
+        sample = sample_documents(model, tokenizer, sample_tokens, plan.doc_separator, rng)
     return replace(result, sample=sample)
+
+
+def sample_documents(model, tokenizer, max_tokens: int, separator: str, rng,
+                     max_docs: int = 10) -> str:
+    """Several new documents (each from BOS to EOS) within max_tokens in all, joined by the
+    corpus's separator: one document of a corpus of short ones shows little."""
+    docs, left = [], max_tokens
+    while left > 0 and len(docs) < max_docs:
+        events = list(generate(model, tokenizer, "", max_tokens=left,
+                               sampling=SamplingConfig(temperature=0.8), rng=rng))
+        left -= sum(e.token is not None for e in events)
+        docs.append("".join(e.text for e in events))
+    return separator.join(docs)
 
 
 class Reporter:
@@ -216,8 +264,9 @@ class Reporter:
     aborts at once (KeyboardInterrupt): writes are atomic, so the last checkpoint stays whole.
     Only the main thread can own signal handlers."""
 
-    def __init__(self, run: PreparedRun, progress: bool | None, log, world: World | None = None):
-        self.run, self.log, self.progress = run, log, progress
+    def __init__(self, run: PreparedRun, progress: bool | None, log, world: World | None = None,
+                 exact_eval: bool = False):
+        self.run, self.log, self.progress, self.exact_eval = run, log, progress, exact_eval
         self.world = world or World()
         self.writes = self.world.is_root      # of several ranks, rank 0 alone writes
         self.out_dir = run.plan.out_dir
@@ -258,8 +307,9 @@ class Reporter:
         return False
 
     def check(self, what: str, loss: float, it: int) -> None:
-        """Refuse a non-finite loss: training diverged; the last good checkpoint is kept."""
-        if not math.isfinite(loss):
+        """Refuse a non-finite loss, or one far above guessing (10 x ln V nats; a fresh model
+        is at ln V): training diverged; the last good checkpoint is kept."""
+        if not math.isfinite(loss) or loss > 10 * math.log(self.run.model.cfg.vocab_size):
             kept = (f"the last good checkpoint ({self.checkpoint}) is kept" if self.checkpoint
                     else "no checkpoint of this session was written" if self.writes
                     else "rank 0 keeps the last good checkpoint")
@@ -286,18 +336,37 @@ class Reporter:
         val_bpc = bits_per_char(self.val_loss * val.n_targets, val.n_chars)
         row = dict(iter=done, train_loss=round(self.train_loss, 6),
                    val_loss=round(self.val_loss, 6), val_ppl=round(math.exp(self.val_loss), 4),
+                   # (check above: a finite loss under 10 ln V, so exp cannot overflow)
                    val_bpc=round(val_bpc, 6), lr=lr, tokens_per_sec=round(tok_s, 1),
                    elapsed_s=round(time.perf_counter() - self.start, 3))
+        exact = None
+        if self.exact_eval or done == tcfg.iters:   # every validation target, once
+            exact = evaluate_documents(run.model, val)
+            self.check("exact val loss", exact.loss, done)
+            row.update(val_loss_exact=round(exact.loss, 6),
+                       val_bpc_exact=round(exact.bits_per_char, 6))
         self.history.append(row)
+        row_at = None
         if self.metrics is not None:      # before the checkpoint: a resume trims extras
+            row_at = self.metrics.tell()
             self.metrics.write(json.dumps(row) + "\n")
             self.metrics.flush()
-        is_best = self.val_loss < self.best_val_loss
-        self.best_val_loss = min(self.best_val_loss, self.val_loss)
-        self.save([LATEST, BEST] if is_best else [LATEST])
+        score = exact.loss if self.exact_eval else self.val_loss
+        is_best = score < self.best_val_loss
+        best_before, self.best_val_loss = self.best_val_loss, min(self.best_val_loss, score)
+        try:
+            self.save([LATEST, BEST] if is_best else [LATEST])
+        except UserError:       # the row must not outlive its checkpoint
+            self.best_val_loss = best_before
+            if row_at is not None and self.saved_at != done:
+                self.metrics.truncate(row_at)
+                self.history.pop()
+            raise
         line = (f"iter {done}/{tcfg.iters}: train loss {self.train_loss:.4f}, val loss "
                 f"{self.val_loss:.4f}, val ppl {math.exp(self.val_loss):.2f}, val bpc "
-                f"{val_bpc:.4f}, {tok_s:,.0f} tok/s")
+                f"{val_bpc:.4f}, {tok_s:,.0f} tok/s") + (
+                    f"; exact val loss {exact.loss:.4f} (every one of {exact.tokens:,} "
+                    f"targets), bpc {exact.bits_per_char:.4f}" if exact is not None else "")
         if self.bar is not None:
             self.bar.write(line)
         else:
@@ -316,8 +385,15 @@ class Reporter:
             rng={"batch": rng_state(run.batch_rng), "dropout": rng_state(run.dropout_rng)},
             ranks=self.world.size if self.world.size > 1 else None))
         for name in names:
-            write_atomic(os.path.join(self.out_dir, name), blob)
-        self.checkpoint, self.saved_at = os.path.join(self.out_dir, names[0]), self.done
+            try:
+                write_atomic(os.path.join(self.out_dir, name), blob)
+            except UserError as e:    # disk full, I/O error: say what is safe and what to do
+                kept = (f"the checkpoint of iteration {self.saved_at} ({self.checkpoint}) is "
+                        "intact: free some space and continue it with {field}"
+                        if self.checkpoint else "no checkpoint of this run was written")
+                raise UserError(f"{e.message}; {kept}", "resume") from None
+            if name == LATEST:
+                self.checkpoint, self.saved_at = os.path.join(self.out_dir, name), self.done
 
     def stop(self, done: int) -> None:
         """The run stops early (a signal, or stop_after): its state must be on disk."""

@@ -189,6 +189,20 @@ def _set(key, value):
     return edit
 
 
+def _edit(key, change):
+    def edit(info):
+        change(info[key])
+    return edit
+
+
+def _nan(name, value=np.nan):
+    def edit(tensors):
+        t = tensors[name].copy()
+        t.flat[3] = value
+        tensors[name] = t
+    return edit
+
+
 def _wrong_shape(tensors):
     tensors["h.0.mlp.fc"] = np.zeros((16, 48), np.float32)
 
@@ -224,6 +238,28 @@ BAD_FILES = {
                        "lacks tensor(s) lm_head"),
     "bad-tokenizer": (lambda good, p: reencode(p, edit_info=_set("tokenizer", {"kind": "xyz"})),
                       "unknown tokenizer kind"),
+    # forged metadata with a recomputed checksum: each field's type and range is checked
+    "forged-rng-state": (lambda good, p: reencode(p, edit_info=_edit(
+        "rng", lambda r: r["batch"].update(state={"state": "x"}))), "rng.batch is not a valid"),
+    "forged-rng-keys": (lambda good, p: reencode(p, edit_info=_set("rng", {"os": 1})),
+                        "rng is malformed"),
+    "forged-rng-value": (lambda good, p: reencode(p, edit_info=_set("rng", {"batch": 1})),
+                         "rng.batch is not a valid"),
+    "forged-negative-lr": (lambda good, p: reencode(p, edit_info=_edit(
+        "train_config", lambda t: t.update(lr=-0.5))), "lr -0.5 must be > 0"),
+    "forged-string-batch": (lambda good, p: reencode(p, edit_info=_edit(
+        "train_config", lambda t: t.update(batch_size="4"))), "batch_size is '4', not a finite int"),
+    "forged-negative-iter": (lambda good, p: reencode(p, edit_info=_set("iter", -3)),
+                             "iter is -3, not a whole number"),
+    "forged-float-layers": (lambda good, p: reencode(p, edit_info=_edit(
+        "model_config", lambda m: m.update(n_layer=1.5))), "n_layer is 1.5"),
+    "forged-loss": (lambda good, p: reencode(p, edit_info=_set("best_val_loss", "low")),
+                    "best_val_loss is 'low'"),
+    "forged-data": (lambda good, p: reencode(p, edit_info=_edit(
+        "data", lambda d: d.update(documents=-1))), "data.documents is -1"),
+    "nan-weights": (lambda good, p: reencode(p, edit_tensors=_nan("wte")), "NaN or inf"),
+    "inf-moment": (lambda good, p: reencode(p, edit_tensors=_nan("adam.v.lm_head", np.inf)),
+                   "NaN or inf values in tensor adam.v.lm_head"),
 }
 
 
@@ -298,3 +334,12 @@ def test_info_prints_config_size_iteration_loss_and_tokenizer(run_dir, capsys):
                      f"best val loss: {s['best_val_loss']:.4f}",
                      f"tokenizer: char, {s['tokenizer']['vocab_size']} tokens"):
         assert fragment in text, (fragment, text)
+
+
+def test_generate_refuses_nan_weights_in_one_line(run_dir, capsys):
+    good_path = run_dir / "checkpoint.safetensors"
+    bad = run_dir / "nan.safetensors"
+    bad.write_bytes(reencode(good_path, edit_tensors=_nan("lm_head")))
+    assert main(["generate", "--checkpoint", str(bad), "--max-tokens", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "NaN or inf" in err[0]

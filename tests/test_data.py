@@ -25,13 +25,16 @@ def lettered_corpus(lengths):
 
 
 def assert_window_inside_one_document(x_row, y_row, tok):
-    """Check one sampled window from the ids alone: inputs and (kept) targets are one shifted
-    run of BOS? letter* EOS? of a single letter, and only padding follows an EOS."""
+    """Check one sampled window from the ids alone: the counted targets are one run, the row's
+    inputs up to the last counted target are one shifted run of BOS? letter* EOS? of a single
+    letter (ignored targets before the run are context), and only padding follows."""
     keep = y_row != IGNORE
-    n = int(keep.sum())
-    assert n >= 1 and keep[:n].all() and not keep[n:].any()       # padding only at the end
-    seq = np.concatenate([x_row[:1], y_row[:n]])                   # the real window, T' + 1
-    np.testing.assert_array_equal(seq[1:n], x_row[1:n])            # targets are shifted inputs
+    counted = np.flatnonzero(keep)
+    assert len(counted) >= 1
+    i, n = int(counted[0]), int(counted[-1]) + 1
+    assert keep[i:n].all() and not keep[n:].any()                 # one run of counted targets
+    seq = np.concatenate([x_row[:n], y_row[n - 1:n]])              # the real row, n + 1 tokens
+    np.testing.assert_array_equal(y_row[i:n - 1], x_row[i + 1:n])  # targets are shifted inputs
     letters = set(seq.tolist()) - {tok.bos_id, tok.eos_id}
     assert len(letters) <= 1, f"window mixes documents: {seq}"
     bos, eos = np.flatnonzero(seq == tok.bos_id), np.flatnonzero(seq == tok.eos_id)
@@ -91,16 +94,51 @@ def test_the_crossing_check_catches_a_plain_stream_sampler():
             assert_window_inside_one_document(xr, yr, tok)
 
 
-def test_documents_are_drawn_in_proportion_to_their_targets():
-    # one long document (100 targets) and one short (10 targets, padded): about 10:1 rows
-    texts, tok, docs = lettered_corpus([99, 9])
-    x, y = get_batch(docs, 22000, 16, np.random.default_rng(0))
-    from_short = (x == LETTERS.index("b")).any(axis=1) | ((y == IGNORE).any(axis=1))
-    assert abs(from_short.mean() - 10 / 110) < 0.01
-    short_rows = y[from_short]
-    assert (short_rows[:, :10] != IGNORE).all() and (short_rows[:, 10:] == IGNORE).all()
-    # the whole short document is one window: BOS b*9 -> b*9 EOS
-    assert x[from_short][0, :10].tolist() == [tok.bos_id] + [1] * 9
+def target_counts(lengths, block_size, batches, batch_size=64, seed=0):
+    """How often each target (each token but a piece's first) is counted in `batches`
+    batches over pieces of the given token lengths; the token ids are their positions."""
+    bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    docs = Documents(np.arange(bounds[-1], dtype=np.int32), bounds,
+                     np.asarray(lengths, dtype=np.int64))
+    rng = np.random.default_rng(seed)
+    counts = np.zeros(bounds[-1], dtype=np.int64)
+    for _ in range(batches):
+        _, y = get_batch(docs, batch_size, block_size, rng)
+        np.add.at(counts, y[y != IGNORE], 1)
+    is_target = np.ones(bounds[-1], dtype=bool)
+    is_target[bounds[:-1]] = False
+    return counts, is_target, bounds
+
+
+def test_every_predicted_token_has_the_same_expected_weight():
+    # pieces much shorter than a window, about one window, and several windows long: each
+    # target's expected count is batch rows x T / (number of windows), whatever its piece
+    T = 8
+    lengths = np.array([2, 3, 5, 9, 12, 30, 61] * 12)
+    counts, is_target, bounds = target_counts(lengths, T, batches=3000)
+    W = float(np.sum(lengths - 1 + T - 1))
+    expected = 3000 * 64 * T / W
+    got = counts[is_target]
+    assert abs(got.mean() / expected - 1) < 0.01
+    piece = np.searchsorted(bounds, np.flatnonzero(is_target), side="right") - 1
+    for n in np.unique(lengths):              # each length class, and each position in it
+        rows = lengths[piece] == n
+        assert abs(got[rows].mean() / expected - 1) < 0.03, (n, got[rows].mean(), expected)
+    # per token: a count, i.e. Poisson-like noise of sqrt(expected) around the same mean
+    z = (got - expected) / np.sqrt(expected)
+    assert np.abs(z).max() < 5.5 and 0.5 < z.std() < 1.6
+    # (the old sampler, a piece in proportion to its targets then all its tokens, gave the
+    # 1-target pieces a weight of about 1/7 of the 7-target ones: far outside these bounds)
+
+
+def test_a_short_document_row_sees_it_from_bos():
+    # a row that counts only the tail of a short document still starts at its BOS
+    texts, tok, docs = lettered_corpus([9])
+    docs2 = encode_documents(texts * 2, tok, progress=False)
+    x, y = get_batch(docs2, 4000, 16, np.random.default_rng(0))
+    assert (x[:, 0] == tok.bos_id).all()
+    kept = (y != IGNORE).sum(axis=1)
+    assert kept.min() >= 1 and kept.max() == 10 and (kept < 10).any()
 
 
 def test_batch_of_short_documents_is_trimmed_to_its_longest_row():
@@ -357,3 +395,33 @@ def test_cli_bpe_train_export_and_refusals(tmp_path, capsys):
         assert main(["train", "--data", str(data), "--bpe", *flag, *tiny]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "drop --bpe" in err
+
+
+def test_random_split_takes_whole_documents_seeded_and_unlike_the_tail():
+    # a file sorted by document length: its tail is all long documents
+    lengths = np.sort(np.random.default_rng(0).integers(1, 30, size=2000))
+    texts, tok, docs = lettered_corpus(lengths)
+    tail = split_documents(docs, 8, tok.decode)
+    split = split_documents(docs, 8, tok.decode, shuffle=True, seed=1)
+    again = split_documents(docs, 8, tok.decode, shuffle=True, seed=1)
+    other = split_documents(docs, 8, tok.decode, shuffle=True, seed=2)
+    np.testing.assert_array_equal(split.val.tokens, again.val.tokens)
+    assert not np.array_equal(split.val.tokens, other.val.tokens)
+    for part in (split.train, split.val):              # whole documents only: BOS ... EOS
+        assert (part.tokens[part.bounds[:-1]] == tok.bos_id).all()
+        assert (part.tokens[part.bounds[1:] - 1] == tok.eos_id).all()
+    assert split.train.n_docs + split.val.n_docs == docs.n_docs
+    assert len(split.train) + len(split.val) == len(docs)
+    assert split.train.n_chars + split.val.n_chars == docs.n_chars
+    assert 0.09 < len(split.val) / len(docs) < 0.11
+    mean = lengths.mean()
+    val_mean = np.diff(split.val.bounds).mean() - 2
+    tail_mean = np.diff(tail.val.bounds).mean() - 2
+    assert abs(val_mean - mean) < 1.5 and tail_mean > mean + 8
+
+
+def test_random_split_of_a_few_long_documents_falls_back_to_the_tail():
+    texts, tok, docs = lettered_corpus([500, 40])
+    split = split_documents(docs, 8, tok.decode, shuffle=True, seed=0)
+    tail = split_documents(docs, 8, tok.decode)
+    np.testing.assert_array_equal(split.val.tokens, tail.val.tokens)

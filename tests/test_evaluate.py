@@ -6,7 +6,7 @@ import pytest
 
 from randygpt.config import ModelConfig
 from randygpt.errors import UserError
-from randygpt.evaluate import evaluate_text
+from randygpt.evaluate import evaluate_text, token_nats
 from randygpt.model import GPT
 from randygpt.tokenizer import CharTokenizer
 
@@ -90,3 +90,64 @@ def test_bad_text_is_a_user_error():
         evaluate_text(model, TOK, "")
     with pytest.raises(UserError, match="'@'"):
         evaluate_text(model, TOK, "Now @ once")
+
+
+# ------------------------------------------------------------------------------------------
+# documents (framed as training frames them) and sliding windows
+
+def full_context_nats(model, ids):
+    """-log p of each target of ids with the longest context the block allows: one forward
+    pass per target."""
+    T, total = model.cfg.block_size, 0.0
+    for j in range(1, len(ids)):
+        x = np.array([ids[max(0, j - T):j]])
+        nats = token_nats(model, x, np.array([ids[max(0, j - T) + 1:j + 1]]))
+        total += float(nats[0, -1])
+    return total
+
+
+def test_documents_are_scored_bos_doc_eos_each_target_once():
+    from randygpt.data import encode_documents, split_text
+    model = make_model()
+    text = "ab\ncde\n" + "the winter of our discontent made glorious\n" + "w\n"
+    r = evaluate_text(model, TOK, text, separator="\n")
+    docs = split_text(text, "\n")
+    framed = encode_documents(docs, TOK, progress=False)
+    assert r.tokens == framed.n_targets == sum(len(d) + 1 for d in docs)   # EOS predicted too
+    assert r.chars == sum(len(d) for d in docs)
+    want = 0.0
+    for d in range(framed.n_docs):
+        ids = framed.tokens[framed.bounds[d]:framed.bounds[d + 1]].tolist()
+        for a in range(0, len(ids) - 1, 16):                   # non-overlapping windows
+            x, y = np.array([ids[a:a + 16]]), np.array([ids[a + 1:a + 17]])
+            x = x[:, :y.shape[1]]
+            want += model.loss(x, y) * y.shape[1]
+    assert r.total_nats == pytest.approx(want, rel=1e-5)
+    # the plain text of the same characters is another number: the framing matters
+    assert evaluate_text(model, TOK, text).total_nats != pytest.approx(r.total_nats, rel=1e-3)
+
+
+@pytest.mark.parametrize("stride", [1, 5, 16])
+def test_sliding_windows_give_each_target_context(stride):
+    model = make_model()
+    stream = [TOK.bos_id] + TOK.encode(TEXT).tolist()
+    r = evaluate_text(model, TOK, TEXT, stride=stride)
+    assert r.tokens == len(TEXT)
+    if stride == 1:
+        assert r.total_nats == pytest.approx(full_context_nats(model, stream), rel=1e-5)
+    else:           # more context than non-overlapping windows, and never each token twice
+        assert r.windows == 1 + math.ceil((len(TEXT) - 16) / stride)
+    with pytest.raises(UserError, match="between 1 and the block size"):
+        evaluate_text(model, TOK, TEXT, stride=17)
+
+
+def test_evaluate_documents_of_a_split_is_exact():
+    from randygpt.data import encode_documents
+    from randygpt.evaluate import evaluate_documents
+    model = make_model()
+    docs = encode_documents(["abc", "de", "f" * 40], TOK, progress=False)
+    r = evaluate_documents(model, docs, stride=1)
+    want = sum(full_context_nats(model, docs.tokens[docs.bounds[d]:docs.bounds[d + 1]].tolist())
+               for d in range(docs.n_docs))
+    assert r.tokens == 4 + 3 + 41
+    assert r.total_nats == pytest.approx(want, rel=1e-5)

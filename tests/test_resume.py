@@ -330,3 +330,109 @@ def test_real_divergence_is_one_line_and_writes_no_nan_checkpoint(tmp_path, caps
     assert "training diverged" in line and "lower --lr" in line
     c = load_checkpoint(out)                  # whatever was written last is finite and loads
     assert np.isfinite(c.model.params.flat).all() and c.iter < 300
+
+
+def test_document_runs_validate_on_a_random_split_that_resume_keeps(tmp_path):
+    m, t = tiny()
+    text = "".join(f"{w}\n" for w in TEXT.split())           # one word per document
+    out = str(tmp_path / "run")
+    plan = plan_run(m, t, text=text, out_dir=out, doc_separator="\n")
+    assert plan.val_split == "random"
+    assert plan_run(m, t, text=text).val_split == "tail"      # a plain text: its tail
+    first = train(plan, stop_after=6, **QUIET)
+    assert load_checkpoint(os.path.join(out, "checkpoint.safetensors")).meta.data.val_split \
+        == "random"
+    resumed = plan_run(text=text, resume="", out_dir=out)
+    assert resumed.val_split == "random" and resumed.doc_separator == "\n"
+    with pytest.raises(UserError, match="split"):
+        plan_run(text=text, resume="", out_dir=out, val_split="tail")
+    assert first.iters_done == 6
+
+
+HOLD = """
+import sys, time
+from randygpt.runs import lock_run_dir
+with lock_run_dir(sys.argv[1], check=False):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def hold_lock(run_dir):
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE,
+                              text=True, env=env)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_process_on_a_run_directory_is_refused_until_the_holder_dies(tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = hold_lock(out)
+    try:
+        args = ["train", "--iters", "4", "--eval-interval", "2", "--out", str(out), *TINY]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "in use by another randygpt process" in err[0]
+        assert f"pid {holder.pid}" in err[0] and "--out" in err[0]
+        assert not (out / "metrics.jsonl").exists()
+        holder.send_signal(signal.SIGKILL)          # a killed holder's lock is released
+        holder.wait(timeout=30)
+        assert main(args) == 0
+        assert (out / "checkpoint.safetensors").exists()
+        capsys.readouterr()
+        holder = hold_lock(out)                     # and a resume is refused the same way
+        assert main(["train", "--resume", "--iters", "6", "--out", str(out), "--no-progress"]) == 2
+        assert "in use by another randygpt process" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+def test_two_fresh_runs_planned_together_never_share_a_directory(tmp_path):
+    # both plans pass the "no checkpoint here" rule; the second to lock sees the first's
+    m, t = tiny()
+    out = str(tmp_path / "run")
+    first, second = (plan_run(m, t, text=TEXT, out_dir=out) for _ in range(2))
+    train(first, stop_after=6, **QUIET)
+    with pytest.raises(UserError, match="already holds a checkpoint"):
+        train(second, **QUIET)
+
+
+def test_a_refused_run_leaves_no_directory_and_no_token_cache(tmp_path):
+    m, t = tiny()
+    out = tmp_path / "runs" / "run"
+    plan = plan_run(m, t, text="too short", out_dir=str(out))
+    with pytest.raises(UserError, match="too short"):
+        train(plan, **QUIET)
+    assert not out.exists()
+    cache = tmp_path / "runs" / "token-cache"
+    assert not cache.exists() or not os.listdir(cache)
+
+
+def test_disk_full_names_the_intact_checkpoint_and_keeps_metrics_to_it(tmp_path, monkeypatch,
+                                                                        capsys):
+    import randygpt.train as train_module
+    from randygpt.checkpoint import write_atomic
+    calls = []
+
+    def full_after_first(path, data):      # the second checkpoint write finds the disk full
+        calls.append(path)
+        if len(calls) > 2:                 # (the first evaluation writes latest and best)
+            raise UserError(f"cannot write {path}: No space left on device; its previous "
+                            "version, if any, is intact")
+        write_atomic(path, data)
+    monkeypatch.setattr(train_module, "write_atomic", full_after_first)
+    m, t = tiny()
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as e:
+        train(plan_run(m, t, text=TEXT, out_dir=str(out)), **QUIET)
+    msg = e.value.render(lambda f: "--" + f)
+    assert "No space left" in msg and "checkpoint of iteration 6" in msg and "--resume" in msg
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [6]
+    assert load_checkpoint(str(out / "checkpoint.safetensors")).iter == 6
+    # info: the best val loss is shown only where its checkpoint exists
+    os.remove(out / "checkpoint_best.safetensors")
+    assert main(["info", str(out)]) == 0
+    assert "best val loss: none" in capsys.readouterr().out

@@ -185,3 +185,12 @@ def test_char_detokenizer_maps_ids_to_characters_and_specials_to_nothing():
     d = Detokenizer(tok)
     ids = list(tok.encode("hold")) + [tok.bos_id, tok.eos_id]
     assert "".join(d.push(i) for i in ids) == "hold"
+
+
+def test_encode_prompt_can_begin_a_document_at_bos():
+    from randygpt.sample import encode_prompt
+    from randygpt.tokenizer import CharTokenizer
+    tok = CharTokenizer("abk")
+    assert encode_prompt(tok, "ka", bos=True) == [tok.bos_id] + tok.encode("ka").tolist()
+    assert encode_prompt(tok, "ka") == tok.encode("ka").tolist()
+    assert encode_prompt(tok, "", bos=True) == encode_prompt(tok, "") == [tok.bos_id]

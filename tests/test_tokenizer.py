@@ -202,3 +202,18 @@ def test_tokenizers_is_imported_only_for_bpe():
             "assert 'tokenizers' in sys.modules\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_bpe_training_cuts_only_long_runs_without_spaces():
+    pytest.importorskip("tokenizers")
+    from randygpt.tokenizer import MAX_TRAIN_WORD, BPETokenizer, _training_pieces
+    spaced = "the quick brown fox jumps over the lazy dog. " * 50
+    assert _training_pieces(spaced, MAX_TRAIN_WORD) == [spaced]      # trains exactly as before
+    assert (BPETokenizer.train(spaced, 300).to_dict()
+            == BPETokenizer.train(spaced, 300, max_word=None).to_dict())
+    run = "abcdefghij" * 100                                          # 1000 letters, no space
+    pieces = _training_pieces("x y " + run + " z", 256)
+    assert "".join(pieces) == "x y " + run + " z"
+    assert max(len(p) for p in pieces) <= 256 and len(pieces) == 6
+    tok = BPETokenizer.train(run * 30, 300)                           # fast, and still lossless
+    assert tok.decode(tok.encode(run * 3)) == run * 3

@@ -92,3 +92,23 @@ def test_plan_run_layers_preset_then_explicit_settings_and_copies_nothing_back()
     plan = plan_run(m, t, {"seed": 8}, text=TEXT)
     assert plan.model == m and plan.train.seed == 8 and t.seed == 3
     assert plan.out_dir is None and plan.cache_dir is None and plan.notices == ()
+
+
+def test_the_last_evaluation_is_exact_and_exact_eval_makes_every_one_exact(tmp_path):
+    from randygpt.evaluate import evaluate_documents
+    text = "".join(f"{w}\n" for w in TEXT.split())
+    m, t = tiny(iters=40, eval_interval=20)
+    quiet = dict(sample_tokens=0, log=lambda *_: None)
+    plain = train(plan_run(m, t, text=text, doc_separator="\n"), **quiet)
+    assert ["val_loss_exact" in r for r in plain.history] == [False, True]
+    exact = train(plan_run(m, t, text=text, doc_separator="\n",
+                           out_dir=str(tmp_path / "run")), exact_eval=True, **quiet)
+    assert all("val_loss_exact" in r for r in exact.history)
+    # the exact number is the loss over every validation target of the run's own split
+    from randygpt.data import load_documents, split_documents
+    docs = load_documents(text, exact.tokenizer, "\n", log=lambda *_: None)
+    split = split_documents(docs, 16, exact.tokenizer.decode, shuffle=True, seed=t.seed)
+    want = evaluate_documents(exact.model, split.val).loss
+    assert abs(exact.history[-1]["val_loss_exact"] - want) < 1e-5
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == exact.history
