@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 
 os.environ.setdefault("NUMBA_CUDA_ARRAY_INTERFACE_SYNC", "0")
 
@@ -31,14 +32,16 @@ from numba import cuda, float32  # noqa: E402
 
 from ..reference import array_module, check_dropout_size, dropout_key, dropout_threshold  # noqa: E402
 
-try:                                     # read at launch time; the env default may come late
-    from numba.core import config as _numba_config
-    _numba_config.CUDA_ARRAY_INTERFACE_SYNC = 0
-except (ImportError, AttributeError):
-    pass
+for _config in ("numba.cuda.core.config", "numba.core.config"):   # numba-cuda's, numba's own:
+    try:                                 # read at launch time; the env default may come late
+        __import__(_config, fromlist=["_"]).CUDA_ARRAY_INTERFACE_SYNC = 0
+    except ImportError:
+        pass
 
 SIMULATED = bool(getattr(cuda, "simulator_enabled", False)) or os.environ.get(
     "NUMBA_ENABLE_CUDASIM") == "1"
+# compiled kernels are cached on disk (beside this file) on a GPU; the simulator compiles nothing
+jit = cuda.jit if SIMULATED else partial(cuda.jit, cache=True)
 THREADS = 32 if SIMULATED else 256     # threads per block of the 1-D kernels
 ROW_THREADS = 32                       # threads per row of cross-entropy (a shared reduction)
 MAX_HEAD_SIZE = 256                    # attention keeps a head's accumulators in registers
@@ -53,7 +56,7 @@ def _blocks(n):
 # --------------------------------------------------------------------------------------------
 # Attention: one thread per (b, h, t) row; qkv (B, T, 3C), out (B, T, C), lse (B, H, T)
 
-@cuda.jit
+@jit
 def _attention_forward(qkv, out, lse, n_head, scale):
     i = cuda.grid(1)
     B, T, C3 = qkv.shape
@@ -87,7 +90,7 @@ def _attention_forward(qkv, out, lse, n_head, scale):
     lse[b, h, t] = m + math.log(l)
 
 
-@cuda.jit
+@jit
 def _attention_backward_dq(qkv, dout, lse, D, dqkv, n_head, scale):
     # dq_t = scale * sum_s dS_ts k_s,  dS_ts = P_ts (dy_t . v_s - D_t),  P_ts = exp(S_ts - lse_t)
     i = cuda.grid(1)
@@ -113,7 +116,7 @@ def _attention_backward_dq(qkv, dout, lse, D, dqkv, n_head, scale):
         dqkv[b, t, q0 + d] = acc[d] * scale
 
 
-@cuda.jit
+@jit
 def _attention_backward_dkv(qkv, dout, lse, D, dqkv, n_head, scale):
     # for key row s: dv_s = sum_{t>=s} P_ts dy_t,  dk_s = scale * sum_{t>=s} dS_ts q_t
     i = cuda.grid(1)
@@ -178,7 +181,7 @@ def attention_backward(dout, cache):
 # --------------------------------------------------------------------------------------------
 # Squared ReLU on flat views: out = relu(x)^2, dx = 2 relu(x) dout; the cache is x
 
-@cuda.jit
+@jit
 def _squared_relu_forward(x, out):
     i = cuda.grid(1)
     if i < x.size:
@@ -186,7 +189,7 @@ def _squared_relu_forward(x, out):
         out[i] = r * r
 
 
-@cuda.jit
+@jit
 def _squared_relu_backward(x, dout, dx):
     i = cuda.grid(1)
     if i < x.size:
@@ -214,7 +217,7 @@ def squared_relu_backward(dout, x):
 # Residual + dropout: out = x + fx * keep / (1 - p), keep from the reference's keyed hash of
 # each element's flat index (so the mask is the reference's, rebuilt in backward, not stored)
 
-@cuda.jit(device=True)
+@jit(device=True)
 def _mix32(h):
     # lowbias32 on a uint64 holding 32 bits; products of two 32-bit values fit in 64 bits
     h ^= h >> np.uint64(16)
@@ -225,20 +228,20 @@ def _mix32(h):
     return h
 
 
-@cuda.jit(device=True)
+@jit(device=True)
 def _kept(i, k0, k1, threshold):
     h = _mix32(np.uint64(i) ^ k0)
     return _mix32(h ^ k1) >= threshold
 
 
-@cuda.jit
+@jit
 def _residual_dropout_forward(x, fx, out, k0, k1, threshold, scale):
     i = cuda.grid(1)
     if i < x.size:
         out[i] = x[i] + fx[i] * scale if _kept(i, k0, k1, threshold) else x[i]
 
 
-@cuda.jit
+@jit
 def _dropout_backward(dout, dfx, k0, k1, threshold, scale):
     i = cuda.grid(1)
     if i < dout.size:
@@ -280,7 +283,7 @@ def _dropout_args(key, p, dtype):
 # Cross-entropy: one block of ROW_THREADS per row of logits (N, V) reduces its max and its
 # sum of exponentials in shared memory; loss_n = lse_n - logit[n, target_n] (0 if ignored)
 
-@cuda.jit(device=True)
+@jit(device=True)
 def _block_reduce(buf, value, is_max):
     j = cuda.threadIdx.x
     buf[j] = value
@@ -296,7 +299,7 @@ def _block_reduce(buf, value, is_max):
     return result
 
 
-@cuda.jit
+@jit
 def _cross_entropy_forward(logits, targets, lse, losses):
     n = cuda.blockIdx.x
     j0 = cuda.threadIdx.x
@@ -317,7 +320,7 @@ def _cross_entropy_forward(logits, targets, lse, losses):
         losses[n] = row_lse - logits[n, t] if t >= 0 else 0.0
 
 
-@cuda.jit
+@jit
 def _cross_entropy_backward(logits, targets, lse, scale, dlogits):
     # dlogits = scale * (softmax - onehot(target)), 0 on ignored rows; scale = dloss / count
     i = cuda.grid(1)
@@ -360,7 +363,7 @@ def cross_entropy_backward(dloss, cache):
 # --------------------------------------------------------------------------------------------
 # AdamW: one thread per element of the flat buffers (the formula: reference.adamw_update)
 
-@cuda.jit
+@jit
 def _adamw(params, grad, m, v, decay_mask, lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
            eps, weight_decay, m_hat_scale, v_hat_scale):
     i = cuda.grid(1)
