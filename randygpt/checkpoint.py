@@ -30,6 +30,7 @@ import numpy as np
 from .config import ModelConfig, TrainConfig
 from .errors import UserError
 from .model import GPT, parameter_shapes
+from .ops.reference import array_module
 from .tokenizer import tokenizer_from_dict
 
 FORMAT_VERSION = 1
@@ -183,16 +184,18 @@ def encode_checkpoint(model: GPT, tokenizer, optimizer=None,
                       meta: CheckpointMeta | None = None) -> bytes:
     """The bytes of a checkpoint file. Refuses non-finite weights: a diverged run must not
     replace a good checkpoint."""
-    flat = model.params.flat
+    to_host = model.backend.to_host          # a GPU model's buffers are copied out once
+    flat = to_host(model.params.flat)
     if not np.isfinite(flat).all():
         raise UserError("refusing to write a checkpoint: the weights contain NaN or inf "
                         "(training diverged); the previous checkpoint is kept")
-    tensors = {name: np.ascontiguousarray(model.params[name], dtype=np.float32)
-               for name in model.params.names()}
+    tensors = {name: np.ascontiguousarray(flat[a:b].reshape(model.params[name].shape),
+                                          dtype=np.float32)
+               for name, (a, b) in model.params.offsets.items()}
     meta = replace(meta or CheckpointMeta(), format_version=FORMAT_VERSION,
                    num_params=int(model.num_params), optimizer_step=None)
     if optimizer is not None:
-        for prefix, buf in zip(_MOMENTS, (optimizer.m, optimizer.v)):
+        for prefix, buf in zip(_MOMENTS, (to_host(optimizer.m), to_host(optimizer.v))):
             for name, (a, b) in model.params.offsets.items():
                 tensors[prefix + name] = np.ascontiguousarray(
                     buf[a:b].reshape(model.params[name].shape), dtype=np.float32)
@@ -444,8 +447,9 @@ def rng_from_state(state: dict) -> np.random.Generator:
 
 
 def restore_optimizer(opt, state: dict) -> None:
-    opt.m[...] = state["m"]
-    opt.v[...] = state["v"]
+    xp = array_module(opt.m)                 # the moments may live on a GPU
+    opt.m[...] = xp.asarray(state["m"])
+    opt.v[...] = xp.asarray(state["v"])
     opt.step_count = int(state["step"])
 
 

@@ -63,7 +63,14 @@ def _add_train(sub) -> None:
                    help="run directory (default: runs/<data>-<preset>-<time>)")
     t.add_argument("--backend", choices=list(BACKENDS), default="fused",
                    help="the ops to train on: the fused numba kernels, or the readable NumPy "
-                   "reference (slower; the same losses to float32 round-off) (default fused)")
+                   "reference (slower; the same losses to float32 round-off), or cupy (an "
+                   "NVIDIA GPU; needs the cuda extra) (default fused)")
+    t.add_argument("--dtype", choices=["float32", "bf16"], default="float32",
+                   help="precision of the matrix products on the cupy backend: bf16 operands "
+                   "with float32 accumulation; weights and checkpoints stay float32 "
+                   "(default float32)")
+    t.add_argument("--tf32", action="store_true",
+                   help="float32 products on the GPU's tensor cores as TF32 (cupy backend)")
     for cls, title in ((ModelConfig, "model (override the preset)"), (TrainConfig, "training")):
         group = t.add_argument_group(title)
         for f in flag_fields(cls):     # default SUPPRESS: args holds only what was typed
@@ -128,13 +135,21 @@ def cmd_train(args) -> int:
     from .train import train
     world = open_world(args.comm_timeout)         # this process alone unless under mpiexec
     given = {name: getattr(args, name) for name in _CONFIG_FLAGS if hasattr(args, name)}
+    backend = args.backend
+    if args.dtype != "float32" or args.tf32:
+        if args.backend != "cupy":
+            what = "dtype" if args.dtype != "float32" else "tf32"
+            raise UserError("{field}" + " bf16" * (what == "dtype") + " needs --backend cupy "
+                            "(the CPU backends compute in float32)", what)
+        from .ops.contract import get_backend
+        backend = get_backend("cupy", dtype=args.dtype, tf32=args.tf32)
     try:
         plan = world.together(lambda: plan_run(
             given, preset=args.preset, resume=args.resume, fine_tune=args.fine_tune,
             data_path=args.data, out_dir=args.out, runs_dir="runs", bpe_vocab_size=args.bpe,
             doc_separator=None if args.doc_separator is None else _unescape(args.doc_separator),
             val_split=args.val_split))
-        result = train(plan, backend=args.backend, sample_tokens=max(0, args.sample_tokens),
+        result = train(plan, backend=backend, sample_tokens=max(0, args.sample_tokens),
                        progress=False if args.no_progress else None, world=world,
                        exact_eval=args.exact_eval)
     except BaseException as e:

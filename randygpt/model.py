@@ -22,6 +22,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .ops.contract import get_backend
+from .ops.reference import array_module
 
 NORM_PARAMS = {"rmsnorm": ("g",)}     # a norm's parameters, by name, each of shape (C,)
 
@@ -48,14 +49,14 @@ def count_parameters(cfg: ModelConfig) -> int:
 class FlatTensors:
     """One contiguous 1-D buffer with a named, shaped view onto each tensor in it."""
 
-    def __init__(self, shapes, dtype):
+    def __init__(self, shapes, dtype, xp=np):
         self.shapes = list(shapes)
         self.offsets = {}
         n = 0
         for name, shape in self.shapes:
             self.offsets[name] = (n, n + math.prod(shape))
             n += math.prod(shape)
-        self.flat = np.zeros(n, dtype=dtype)
+        self.flat = xp.zeros(n, dtype=dtype)
         self.views = {name: self.flat[a:b].reshape(shape)
                       for (name, shape), (a, b) in zip(self.shapes, self.offsets.values())}
 
@@ -89,7 +90,8 @@ class GPT:
         self.dtype = np.dtype(dtype)
         self.backend = get_backend(backend)
         self.ops = self.backend.ops
-        self.params = FlatTensors(parameter_shapes(cfg), self.dtype)
+        self.xp = self.backend.xp            # where the buffers live (NumPy, or the GPU's)
+        self.params = FlatTensors(parameter_shapes(cfg), self.dtype, self.xp)
         self._grads = None                   # allocated by the first backward (training only)
         self._cache = None
         if seed is not None:
@@ -98,7 +100,7 @@ class GPT:
     @property
     def grads(self) -> FlatTensors:
         if self._grads is None:
-            self._grads = FlatTensors(self.params.shapes, self.dtype)
+            self._grads = FlatTensors(self.params.shapes, self.dtype, self.xp)
         return self._grads
 
     @property
@@ -115,7 +117,7 @@ class GPT:
                 self.params[name][...] = 1.0
             else:
                 std = resid_std if name.endswith("proj") else 0.02
-                self.params[name][...] = rng.standard_normal(shape) * std
+                self.params[name][...] = self.xp.asarray(rng.standard_normal(shape) * std)
 
     def decay_mask(self):
         """1 for tensors that get weight decay (the matrices), 0 for norm gains."""
@@ -124,7 +126,7 @@ class GPT:
             if len(shape) == 2:
                 a, b = self.params.offsets[name]
                 mask[a:b] = 1.0
-        return mask
+        return self.xp.asarray(mask)
 
     # ----------------------------------------------------------------------------------------
     # The layers of the description, each a forward with its backward beside it. A layer's
@@ -214,6 +216,7 @@ class GPT:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds block_size "
                              f"{cfg.block_size}")
         drop = cfg.dropout if rng is not None else 0.0
+        idx = self.xp.asarray(idx)           # a no-op where the batch is already there
         x, emb = ops.embedding_forward(self.params["wte"], self.params["wpe"], idx)  # (B,T,C)
         blocks = []
         for i in range(cfg.n_layer):
@@ -224,9 +227,10 @@ class GPT:
         if targets is None:
             self._cache = None
             return logits, None
-        loss, ce = ops.cross_entropy_forward(logits, targets)
+        loss, ce = ops.cross_entropy_forward(logits, self.xp.asarray(targets))
         self._cache = (emb, blocks, lnf, head, ce)
-        return logits, float(loss)
+        # on a GPU the loss stays a 0-d device array: converting it would wait for the GPU
+        return logits, float(loss) if self.xp is np else loss
 
     def backward(self, dloss=1.0):
         """Gradient of dloss x the last forward's mean loss w.r.t. every parameter, into
@@ -258,7 +262,7 @@ class GPT:
         """ids (T,) at positions 0..T-1 of `stream` -> logits (T, V); that stream's cache
         restarts and holds T positions. Attention is training's, so the logits are forward's
         for this window."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)                  # (1, T)
+        ids = self.xp.asarray(np.asarray(ids, dtype=np.int64).reshape(1, -1))  # (1, T)
         T = ids.shape[1]
         if not 1 <= T <= self.cfg.block_size:
             raise ValueError(f"prefill needs 1..{self.cfg.block_size} tokens, got {T}")
@@ -267,7 +271,7 @@ class GPT:
         for i in range(self.cfg.n_layer):
             x, _ = self.block_forward(x, i, kv=view)
         cache.lengths[stream] = T
-        return self.head_forward(x)[0]                                         # (T, V)
+        return self.backend.to_host(self.head_forward(x)[0])                   # (T, V)
 
     def decode(self, tokens, cache: "KVCache", streams):
         """One new token per stream: tokens (S,) at positions cache.lengths[streams] ->
@@ -279,12 +283,13 @@ class GPT:
                              "the window by prefilling its most recent tokens again")
         # the embedding of one position per stream: wte[token] + wpe[position]. Rows are
         # streams: (S, C) runs the same per-position ops as (B, T, C), as 2-D products.
-        x = self.params["wte"][tokens] + self.params["wpe"][pos]              # (S, C)
+        xp = self.xp                                                           # (S, C):
+        x = self.params["wte"][xp.asarray(tokens)] + self.params["wpe"][xp.asarray(pos)]
         view = cache.decode_view(streams, pos)
         for i in range(self.cfg.n_layer):
             x, _ = self.block_forward(x, i, kv=view)
         cache.lengths[streams] = pos + 1
-        return self.head_forward(x)                                            # (S, V)
+        return self.backend.to_host(self.head_forward(x))                      # (S, V)
 
     def head_forward(self, x):
         """x (..., C) -> logits (..., V): the final norm and the LM head."""
@@ -296,11 +301,11 @@ class KVCache:
     """Keys and values of every layer for `streams` independent streams: stream s holds
     positions 0..lengths[s]-1. Shapes (L, S, H, block_size, hs)."""
 
-    def __init__(self, cfg: ModelConfig, streams: int = 1, dtype=np.float32):
+    def __init__(self, cfg: ModelConfig, streams: int = 1, dtype=np.float32, xp=np):
         hs = cfg.n_embd // cfg.n_head
-        self.k = np.zeros((cfg.n_layer, streams, cfg.n_head, cfg.block_size, hs), dtype=dtype)
-        self.v = np.zeros_like(self.k)
-        self.lengths = np.zeros(streams, dtype=np.int64)
+        self.k = xp.zeros((cfg.n_layer, streams, cfg.n_head, cfg.block_size, hs), dtype=dtype)
+        self.v = xp.zeros_like(self.k)
+        self.lengths = np.zeros(streams, dtype=np.int64)     # on the host: loops read it
         self.n_head = cfg.n_head
 
     @property
@@ -342,8 +347,10 @@ class _DecodeAttention:
         self.cache, self.positions = cache, positions
         S = len(streams)
         contiguous = S and (streams == np.arange(streams[0], streams[0] + S)).all()
-        self.streams = slice(int(streams[0]), int(streams[0]) + S) if contiguous else streams
-        self.rows = np.arange(S)
+        xp = array_module(cache.k)                       # index arrays where the cache is
+        self.streams = (slice(int(streams[0]), int(streams[0]) + S) if contiguous
+                        else xp.asarray(streams))
+        self.rows, self.at = xp.arange(S), xp.asarray(positions)
         self.n_seen = int(positions.max()) + 1 if S else 0
 
     def attend(self, ops, layer, qkv):
@@ -351,8 +358,8 @@ class _DecodeAttention:
         C, H = C3 // 3, self.cache.n_head
         q, k, v = (qkv[:, i * C:(i + 1) * C].reshape(S, H, -1) for i in range(3))  # (S, H, hs)
         keys, values = self.cache.k[layer, self.streams], self.cache.v[layer, self.streams]
-        keys[self.rows, :, self.positions] = k
-        values[self.rows, :, self.positions] = v
+        keys[self.rows, :, self.at] = k
+        values[self.rows, :, self.at] = v
         if not isinstance(self.streams, slice):          # fancy indexing copied: write back
             self.cache.k[layer, self.streams] = keys
             self.cache.v[layer, self.streams] = values

@@ -6,6 +6,7 @@ import math
 import numpy as np
 
 from .ops.contract import get_backend
+from .ops.reference import array_module
 
 
 def lr_at(it: int, iters: int, lr: float, min_lr: float, warmup: int, decay_frac: float) -> float:
@@ -26,7 +27,14 @@ def lr_at(it: int, iters: int, lr: float, min_lr: float, warmup: int, decay_frac
 
 
 def clip_grad_norm(grad, max_norm: float) -> float:
-    """Scale `grad` in place so its global L2 norm is at most max_norm; return the norm before."""
+    """Scale `grad` in place so its global L2 norm is at most max_norm; return the norm before.
+    A GPU array's norm stays on the GPU (a 0-d array) and so does the decision to clip."""
+    if not isinstance(grad, np.ndarray):
+        xp = array_module(grad)
+        norm = xp.sqrt(xp.dot(grad, grad))
+        if max_norm > 0:
+            grad *= xp.where(norm > max_norm, max_norm / (norm + 1e-6), 1.0).astype(grad.dtype)
+        return norm
     norm = float(np.sqrt(np.dot(grad, grad)))
     if max_norm > 0 and norm > max_norm:
         grad *= grad.dtype.type(max_norm / (norm + 1e-6))
@@ -46,8 +54,9 @@ class AdamW:
         self.decay_mask = decay_mask
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
         self.backend = get_backend("reference" if backend is None else backend)
-        self.m = np.zeros_like(params)
-        self.v = np.zeros_like(params)
+        xp = array_module(params)            # the moments live where the weights do
+        self.m = xp.zeros_like(params)
+        self.v = xp.zeros_like(params)
         self.step_count = 0
 
     def step(self, grad, lr: float) -> None:

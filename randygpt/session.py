@@ -60,7 +60,7 @@ class Session:
         self.keep = self.block_size // 2 if keep is None else int(keep)
         if not 0 <= self.keep < self.block_size:
             raise ValueError(f"keep must be in [0, {self.block_size - 1}], got {keep}")
-        self.cache = KVCache(model.cfg, streams, model.dtype)
+        self.cache = KVCache(model.cfg, streams, model.dtype, model.xp)
         self.active: dict[int, _Stream] = {}
         self._windows: dict[int, list] = {}   # stream -> its window of ids
         self.rebuilds = 0                 # prefills after a stream's first (windows slid)

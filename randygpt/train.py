@@ -92,9 +92,9 @@ def estimate_loss(model: GPT, tokens, tcfg, seed: int) -> float:
     for _ in range(tcfg.eval_iters):
         x, y = get_batch(tokens, tcfg.batch_size, model.cfg.block_size, rng)
         n = int((y >= 0).sum())
-        total += model.loss(x, y) * n
+        total += model.loss(x, y) * n       # a GPU's losses add up on the GPU
         count += n
-    return total / count
+    return float(total / count)
 
 
 def prepare(plan: RunPlan, backend="fused", progress: bool | None = None,
@@ -141,7 +141,7 @@ def prepare(plan: RunPlan, backend="fused", progress: bool | None = None,
     run = PreparedRun(plan, tokenizer, split, data, model, make_optimizer(model, tcfg, backend),
                       batch_rng, dropout_rng)
     if origin is not None:
-        model.params.flat[...] = origin.model.params.flat
+        model.params.flat[...] = model.xp.asarray(origin.model.params.flat)
     if plan.resume is not None:
         meta = plan.resume.meta
         restore_optimizer(run.optimizer, plan.resume.optimizer_state)
@@ -202,6 +202,11 @@ def _train(plan, backend, sample_tokens, progress, log, stop_after, exact_eval,
     mine = slice(world.rank * rows, (world.rank + 1) * rows)
     tokens_per_iter = rows * world.size * model.cfg.block_size
     train_time = 0.0
+    to_device = model.backend.to_device
+    # a loss on a GPU is checked where it is looked at (evaluations), not each step: reading
+    # it would make the host wait for the GPU every step. A non-finite step there shows up as
+    # a non-finite val loss at the next evaluation, and no checkpoint takes NaN weights.
+    check_each_step = model.xp is np
     # overflow warnings would bury the one-line divergence error: the loop checks every loss
     with Reporter(run, progress, log, world, exact_eval) as report, \
             np.errstate(over="ignore", invalid="ignore"):
@@ -211,9 +216,10 @@ def _train(plan, backend, sample_tokens, progress, log, stop_after, exact_eval,
             # the step's whole batch, drawn alike on every rank: a row's data is its row's
             x, y = get_batch(run.split.train, rows * world.size, model.cfg.block_size,
                              run.batch_rng)
-            step = train_step(model, run.optimizer, x[mine], y[mine], lr,
+            step = train_step(model, run.optimizer, to_device(x[mine]), to_device(y[mine]), lr,
                               grad_clip=tcfg.grad_clip, dropout_rng=run.dropout_rng,
-                              check_loss=lambda loss: report.check("loss", loss, it),
+                              check_loss=(lambda loss: report.check("loss", loss, it))
+                              if check_each_step else None,
                               micro_batches=tcfg.grad_accum, row0=mine.start,
                               n_targets=int((y >= 0).sum()),
                               grad_hook=world.reduce_gradients if world.size > 1 else None)
@@ -318,9 +324,9 @@ class Reporter:
 
     def stepped(self, done: int, loss: float, lr: float, tok_s: float) -> None:
         self.done = done
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s",
-                                     refresh=False)
+        if self.bar is not None:    # a GPU's loss is not read here (it would wait for it)
+            shown = f"loss {loss:.4f} " if isinstance(loss, float) else ""
+            self.bar.set_postfix_str(f"{shown}lr {lr:.2e} {tok_s:,.0f} tok/s", refresh=False)
             self.bar.update(1)
 
     def evaluate(self, done: int, lr: float, tok_s: float) -> None:

@@ -35,6 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+import numpy as np
+
 from ..errors import UserError
 from . import reference
 
@@ -44,14 +46,23 @@ FORWARD_ONLY = ("kv_attention_forward", "adamw_update")
 OP_NAMES = tuple(f"{p}_{d}" for p in PAIRS for d in ("forward", "backward")) + FORWARD_ONLY
 
 
+def _same(x):
+    return x
+
+
 @dataclass
 class Backend:
     """A named op table. `own` lists the ops the backend implements itself (the rest are the
-    reference's); `options` are its settings, e.g. the fused backend's own_sgemm."""
+    reference's); `options` are its settings, e.g. the fused backend's own_sgemm. `xp` is the
+    array module its arrays live in (the model allocates its buffers there); `to_device` and
+    `to_host` move an array in and out of it (identity for the NumPy backends)."""
     name: str
     ops: SimpleNamespace
     own: frozenset = frozenset()
     options: dict = field(default_factory=dict)
+    xp: object = np
+    to_device: object = _same
+    to_host: object = _same
 
     def __getattr__(self, name):          # backend.linear_forward(...) == backend.ops.linear_forward
         if name in OP_NAMES:
@@ -59,9 +70,10 @@ class Backend:
         raise AttributeError(name)
 
 
-def make_backend(name: str, module_or_table, options: dict | None = None) -> Backend:
+def make_backend(name: str, module_or_table, options: dict | None = None,
+                 **arrays) -> Backend:
     """A Backend whose ops come from `module_or_table` (a module, object or dict) where it
-    has them, and from the reference everywhere else."""
+    has them, and from the reference everywhere else. `arrays`: xp, to_device, to_host."""
     get = (module_or_table.get if isinstance(module_or_table, dict)
            else lambda n, default=None: getattr(module_or_table, n, default))
     table, own = {}, set()
@@ -70,7 +82,8 @@ def make_backend(name: str, module_or_table, options: dict | None = None) -> Bac
         if fn is not None and fn is not getattr(reference, op):
             own.add(op)
         table[op] = fn if fn is not None else getattr(reference, op)
-    return Backend(name, SimpleNamespace(**table), frozenset(own), dict(options or {}))
+    return Backend(name, SimpleNamespace(**table), frozenset(own), dict(options or {}),
+                   **arrays)
 
 
 def _reference_backend(**options) -> Backend:
@@ -85,8 +98,13 @@ def _fused_backend(**options) -> Backend:
     return fused.backend(**options)
 
 
-# name -> factory(**options) -> Backend. A GPU backend registers itself here the same way.
-BACKENDS = {"reference": _reference_backend, "fused": _fused_backend}
+def _cupy_backend(**options) -> Backend:
+    from . import cupy           # CuPy and numba-cuda load here, only for a run that asks
+    return cupy.backend(**options)
+
+
+# name -> factory(**options) -> Backend
+BACKENDS = {"reference": _reference_backend, "fused": _fused_backend, "cupy": _cupy_backend}
 
 
 def get_backend(name="fused", **options) -> Backend:
