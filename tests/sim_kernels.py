@@ -66,13 +66,14 @@ def test_squared_relu():
           reference.squared_relu_backward(dout, ref_cache)[0])
 
 
-@pytest.mark.parametrize("p", [0.0, 0.3])
-def test_residual_dropout_is_the_reference_mask(p):
-    # the same key drawn from the same generator: the same mask, bit for bit
+@pytest.mark.parametrize("p, row0", [(0.0, 0), (0.3, 0), (0.3, 5)])
+def test_residual_dropout_is_the_reference_mask(p, row0):
+    # the same key drawn from the same generator: the same mask, bit for bit (row0: a slice
+    # of a bigger batch, as on an MPI rank)
     x, fx, dout = normal(2, 3, 40), normal(2, 3, 40), normal(2, 3, 40)
     out, cache = kernels.residual_dropout_forward(xp.asarray(x), xp.asarray(fx), p,
-                                                  np.random.default_rng(7))
-    want, mask = reference.residual_dropout_forward(x, fx, p, np.random.default_rng(7))
+                                                  np.random.default_rng(7), row0)
+    want, mask = reference.residual_dropout_forward(x, fx, p, np.random.default_rng(7), row0)
     np.testing.assert_array_equal(host(out), want)
     dx, dfx = kernels.residual_dropout_backward(xp.asarray(dout), cache)
     rdx, rdfx = reference.residual_dropout_backward(dout, mask)

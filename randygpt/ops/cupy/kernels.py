@@ -30,7 +30,8 @@ os.environ.setdefault("NUMBA_CUDA_ARRAY_INTERFACE_SYNC", "0")
 import numpy as np  # noqa: E402
 from numba import cuda, float32  # noqa: E402
 
-from ..reference import array_module, check_dropout_size, dropout_key, dropout_threshold  # noqa: E402
+from ..reference import (array_module, check_dropout_size, dropout_key,  # noqa: E402
+                         dropout_threshold, row_offset)
 
 for _config in ("numba.cuda.core.config", "numba.core.config"):   # numba-cuda's, numba's own:
     try:                                 # read at launch time; the env default may come late
@@ -235,41 +236,46 @@ def _kept(i, k0, k1, threshold):
 
 
 @jit
-def _residual_dropout_forward(x, fx, out, k0, k1, threshold, scale):
+def _residual_dropout_forward(x, fx, out, offset, k0, k1, threshold, scale):
     i = cuda.grid(1)
     if i < x.size:
-        out[i] = x[i] + fx[i] * scale if _kept(i, k0, k1, threshold) else x[i]
+        kept = _kept(offset + np.uint64(i), k0, k1, threshold)
+        out[i] = x[i] + fx[i] * scale if kept else x[i]
 
 
 @jit
-def _dropout_backward(dout, dfx, k0, k1, threshold, scale):
+def _dropout_backward(dout, dfx, offset, k0, k1, threshold, scale):
     i = cuda.grid(1)
     if i < dout.size:
-        dfx[i] = dout[i] * scale if _kept(i, k0, k1, threshold) else 0.0
+        dfx[i] = dout[i] * scale if _kept(offset + np.uint64(i), k0, k1, threshold) else 0.0
 
 
-def residual_dropout_forward(x, fx, p, rng):
-    # rng: the host's NumPy Generator (two integers a step: no device round trip)
+def residual_dropout_forward(x, fx, p, rng, row0=0):
+    # rng: the host's NumPy Generator (two integers a step: no device round trip); row0: the
+    # slice's first row in the whole batch (the mask of a row is the same on every rank)
     if p == 0.0 or rng is None:
         return x + fx, None
     xp = array_module(x)
-    check_dropout_size(x.size)
+    offset = row_offset(x.shape, row0)
+    check_dropout_size(offset + x.size)
     key = dropout_key(rng)
     x, fx = xp.ascontiguousarray(x), xp.ascontiguousarray(fx)
     out = xp.empty_like(x)
     _residual_dropout_forward[_blocks(x.size), THREADS](
-        x.reshape(-1), fx.reshape(-1), out.reshape(-1), *_dropout_args(key, p, x.dtype))
-    return out, (key, p)
+        x.reshape(-1), fx.reshape(-1), out.reshape(-1), np.uint64(offset),
+        *_dropout_args(key, p, x.dtype))
+    return out, (key, p, offset)
 
 
 def residual_dropout_backward(dout, cache):
     if cache is None:
         return dout, dout
     xp = array_module(dout)
-    key, p = cache
+    key, p, offset = cache
     dout = xp.ascontiguousarray(dout)
     dfx = xp.empty_like(dout)
     _dropout_backward[_blocks(dout.size), THREADS](dout.reshape(-1), dfx.reshape(-1),
+                                                   np.uint64(offset),
                                                    *_dropout_args(key, p, dout.dtype))
     return dout, dfx
 
