@@ -156,8 +156,9 @@ def _resume(chosen, preset, ckpt, text, data_path, out_dir, doc_separator) -> Ru
                         "it cannot be resumed; use {field} PATH to start from it", "fine_tune")
     theirs = {**ckpt.model_config.to_dict(), **ckpt.train_config.to_dict()}
     _refuse_contradictions(preset, chosen, theirs,
-                           [k for k in theirs if k not in RESUME_MAY_SET], ckpt.path, "on resume the checkpoint's configuration is used: drop "
-                           "the flag, or start a new run (or fine-tune) to change it")
+                           [k for k in theirs if k not in RESUME_MAY_SET], ckpt.path,
+                           "on resume the checkpoint's configuration is used: drop the flag, "
+                           "or start a new run (or fine-tune) to change it")
     tcfg = replace(ckpt.train_config, **{k: chosen[k] for k in RESUME_MAY_SET if k in chosen})
     if ckpt.iter >= tcfg.iters:
         raise UserError(f"{ckpt.path} is already at iteration {ckpt.iter}; {{field}} is the "

@@ -36,7 +36,8 @@ def train_step(model, optimizer, x, y, lr: float, *, grad_clip: float, dropout_r
         raise ValueError(f"{len(x)} rows do not split into {micro_batches} micro-batches")
     if n_targets is None:
         n_targets = int((y >= 0).sum())
-    keys = dropout_rng.bit_generator.state if micro_batches > 1 and dropout_rng is not None else None
+    keep_keys = micro_batches > 1 and dropout_rng is not None
+    keys = dropout_rng.bit_generator.state if keep_keys else None
     total = loss = None
     for j in range(micro_batches):
         xj, yj = x[j * rows:(j + 1) * rows], y[j * rows:(j + 1) * rows]

@@ -31,9 +31,9 @@ import numpy as np
 
 from .checkpoint import (BEST, LATEST, CheckpointMeta, DataInfo, encode_checkpoint,
                          restore_optimizer, rng_from_state, rng_state, write_atomic)
-from .distributed import World
 from .data import (Split, bits_per_char, get_batch, load_documents, split_documents,
                    split_text)
+from .distributed import World
 from .errors import UserError
 from .evaluate import evaluate_documents
 from .memory import check_memory, estimate_training_bytes

@@ -213,8 +213,9 @@ def squared_relu_backward(dout, out, *, empty=np.empty):
 # The residual add after (inverted) dropout: out = x + dropout(fx). The keep mask is the
 # reference's hash of each element's flat index (reference.dropout_keep), computed here in
 # parallel and never stored: the cache is the mask's key (with the row offset of a slice of a
-# bigger batch, reference.row_offset), and backward hashes the indices again. Kept units are scaled by 1/(1-p) in x's precision, so the dropped units and the
-# gradients match the reference bit for bit.
+# bigger batch, reference.row_offset), and backward hashes the indices again. Kept units are
+# scaled by 1/(1-p) in x's precision, so the dropped units and the gradients match the
+# reference bit for bit.
 
 class DropoutKey(NamedTuple):
     k0: np.uint32             # the two keys of the hash
