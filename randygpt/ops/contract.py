@@ -46,7 +46,8 @@ OP_NAMES = tuple(f"{p}_{d}" for p in PAIRS for d in ("forward", "backward")) + F
 @dataclass
 class Backend:
     """A named op table. `own` lists the ops the backend implements itself (the rest are the
-    reference's); `options` are its settings, e.g. the fused backend's own_sgemm."""
+    reference's); `options` are its settings, e.g. the fused backend's kernels (which
+    kernel runs each product, ops/fused/choose.py)."""
     name: str
     ops: SimpleNamespace
     own: frozenset = frozenset()
