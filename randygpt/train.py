@@ -150,8 +150,13 @@ def train(plan: RunPlan, *, backend="fused", sample_tokens: int = 300,
     and tests). `progress`: a bar (None: when stderr is a terminal)."""
     run = prepare(plan, backend, progress, log)
     model, tcfg, tokenizer = run.model, plan.train, run.tokenizer
-    tokens_per_iter = tcfg.batch_size * model.cfg.block_size
-    train_time = 0.0
+    compiling = model.backend.options.get("compile_seconds", lambda: 0)()
+    if compiling:
+        log(f"compiling fast kernels once, ~{compiling:.0f} s (later runs load them from disk)")
+    # tok/s: real (non-padded) target tokens per second of training steps, the first step of
+    # the process left out (it compiles kernels and times the kernel choice), unless only one
+    tokens = train_time = 0.0
+    first = None
     # overflow warnings would bury the one-line divergence error: the loop checks every loss
     with Reporter(run, progress, log) as report, np.errstate(over="ignore", invalid="ignore"):
         for it in range(run.start_iter, tcfg.iters):
@@ -163,8 +168,12 @@ def train(plan: RunPlan, *, backend="fused", sample_tokens: int = 300,
                               dropout_rng=run.dropout_rng,
                               check_loss=lambda loss: report.check("loss", loss, it))
             done = it + 1
-            train_time += time.perf_counter() - t0
-            tok_s = tokens_per_iter * (done - run.start_iter) / train_time
+            real, seconds = int((y >= 0).sum()), time.perf_counter() - t0
+            if first is None:
+                first = (real, seconds)
+            else:
+                tokens, train_time = tokens + real, train_time + seconds
+            tok_s = tokens / train_time if train_time else first[0] / first[1]
             report.stepped(done, step.loss, lr, tok_s)
             if done % tcfg.eval_interval == 0 or done == tcfg.iters:
                 report.evaluate(done, lr, tok_s)

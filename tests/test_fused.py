@@ -146,11 +146,14 @@ class FakeTimer:
             monkeypatch.setattr(sgemm, name, lambda *a, _f=getattr(sgemm, name):
                                 setattr(self, "last", "own") or _f(*a))
 
-    def __call__(self, fn):
-        self.last = "blas"
-        fn()
-        self.calls.append(self.last)
-        return self.own_s if self.last == "own" else self.blas_s
+    def __call__(self, fns):
+        times = []
+        for fn in fns:
+            self.last = "blas"
+            fn()
+            self.calls.append(self.last)
+            times.append(self.own_s if self.last == "own" else self.blas_s)
+        return times
 
 
 @pytest.mark.parametrize("own_s, winner", [(0.5, "own"), (0.95, "blas"), (2.0, "blas")])
@@ -169,7 +172,7 @@ def test_kernel_choice_keeps_the_faster_and_near_ties_go_to_openblas(own_s, winn
     # the decision is on disk, under this machine's key; a new process starts without timing
     saved = json.load(open(path))[choose.machine_key()]
     assert [d["kernel"] for d in saved.values()] == [winner]
-    again = choose.KernelChoice("auto", path=path, timer=lambda fn: pytest.fail("timed"))
+    again = choose.KernelChoice("auto", path=path, timer=lambda fns: pytest.fail("timed"))
     out2, _ = contract.get_backend("fused", kernels=again).linear_forward(x, w)
     close(out2, x @ w, np.float32)
     assert list(again.ran.values()) == [winner]
@@ -494,3 +497,19 @@ def test_buffer_pool_reuses_memory_only_after_every_view_is_gone():
     c = pool.empty((2, 16), np.float32)          # same size, now free: reused
     assert c.__array_interface__["data"][0] == address
     assert pool.empty((3,), np.float32).base is None      # small: plain np.empty
+
+
+def test_uncached_names_kernels_until_their_float32_version_is_on_disk(tmp_path, monkeypatch):
+    # what the first-run notice counts: a kernel is cold until numba has cached it for float32
+    import importlib
+    from randygpt.ops.fused import jit
+    (tmp_path / "cold_kernel_module.py").write_text(
+        "from numba import njit\n@njit(cache=True)\ndef double(x):\n    return x * 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("cold_kernel_module")
+    assert jit.uncached([module]) == [module.double]
+    module.double(np.ones(3, np.float64))
+    assert jit.uncached([module]) == [module.double]                 # float64 only
+    module.double(np.ones(3, np.float32))
+    assert jit.uncached([module]) == []
+    assert contract.get_backend("fused").options["compile_seconds"]() >= 0

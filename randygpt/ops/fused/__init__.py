@@ -22,9 +22,18 @@ import numpy as np
 from ... import threads
 from ...errors import UserError
 from ..contract import OP_NAMES, Backend, make_backend
-from . import attention, choose, elementwise, linear, memory, optimizer
+from . import attention, choose, elementwise, jit, linear, memory, optimizer
 
 FAMILIES = (elementwise, attention, linear, optimizer)
+COMPILE_SECONDS = 1.0     # per kernel, cold, on a 2-core Zen 1 (see compile_seconds)
+
+
+def compile_seconds(kernels: choose.KernelChoice, dtype="float32") -> float:
+    """About how long the first training step will spend compiling kernels that numba's disk
+    cache lacks (0 when every one is cached): the notice a first run prints."""
+    from . import sgemm
+    modules = [elementwise, attention, optimizer] + ([sgemm] if kernels.mode != "blas" else [])
+    return COMPILE_SECONDS * len(jit.uncached(modules, dtype))
 
 
 def backend(kernels=None, buffer_pool=True, keep_freed_memory: bool = True,
@@ -59,4 +68,5 @@ def backend(kernels=None, buffer_pool=True, keep_freed_memory: bool = True,
                 wanted = {k: settings[k] for k in (fn.__kwdefaults__ or {})}
                 table[name] = partial(fn, **wanted) if wanted else fn
     return make_backend("fused", table, {"kernels": kernels, "buffer_pool": buffer_pool,
-                                         "keep_freed_memory": keep_freed_memory})
+                                         "keep_freed_memory": keep_freed_memory,
+                                         "compile_seconds": partial(compile_seconds, kernels)})

@@ -12,6 +12,9 @@ SMALL_FLOPS stay on OpenBLAS untimed (the own kernels start threads; at that siz
 win, and generation meets a new small shape at every batch size). Decisions are kept on disk
 (`decision_file`), keyed by what they depend on: CPU model and LLVM's target, NumPy, numba and
 BLAS versions, OPENBLAS_CORETYPE, both thread counts and the shape; later runs start at once.
+A decision stays until that file is deleted: one timed while other processes loaded the
+machine may be the wrong one for a quiet machine (the candidates' calls are interleaved, and
+the fastest of each counts, to keep that rare).
 
     RANDYGPT_SGEMM=auto (default) | blas | own     force either (own: every float32 product)
     RANDYGPT_OWN_SGEMM=0                           the older switch, same as blas
@@ -89,13 +92,17 @@ def _threads():
     return numba.get_num_threads(), get_blas_threads()
 
 
-def _best_time(fn, repeats=REPEATS):
-    fn()                                                # warm-up (and compilation)
-    best = float("inf")
+def _best_times(fns, repeats=REPEATS):
+    """The fastest of `repeats` calls of each function, calls interleaved (a, b, a, b, ...) so
+    that a burst of load from other processes falls on both candidates alike."""
+    for fn in fns:
+        fn()                                            # warm-up (and compilation)
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t)
     return best
 
 
@@ -104,7 +111,7 @@ class KernelChoice:
     `ran`: the kernel each timed product shape ran in this process (for benchmarks); forced
     choices and small products are not recorded (they cost nothing to decide)."""
 
-    def __init__(self, mode: str | None = None, path: str | None = None, timer=_best_time):
+    def __init__(self, mode: str | None = None, path: str | None = None, timer=_best_times):
         self.mode = mode_from_environment() if mode is None else mode
         if self.mode not in MODES:
             from ...errors import UserError
@@ -143,8 +150,10 @@ class KernelChoice:
         blas = lambda: np.matmul(a, b, out=out)                               # noqa: E731
         own_fn = sgemm.sgemm if kind == "rows" else sgemm.sgemm_deep
         own = lambda: own_fn(a, b, out)                                       # noqa: E731
-        t_blas = self.timer(blas)
-        t_own = self.timer(own) if self.own_works() else float("inf")
+        if self.own_works():
+            t_blas, t_own = self.timer([blas, own])
+        else:
+            t_blas, t_own = self.timer([blas])[0], float("inf")
         winner = "own" if t_own <= (1 - MARGIN) * t_blas else "blas"
         decision = {"kernel": winner, "blas_s": t_blas,
                     "own_s": None if t_own == float("inf") else t_own}
