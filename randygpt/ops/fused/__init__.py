@@ -13,7 +13,8 @@ outputs come from recycled memory (memory.py), AdamW is one pass. Each family's 
 how.
 
 Ops this package lacks (kv_attention_forward, for generation) are the reference's, by
-construction of contract.make_backend. How the kernels are compiled: jit.py.
+construction of contract.make_backend. Generation's one-token steps run as one compiled call
+instead (decode.py: the backend's decode_step option, traced from the model's blocks). How the kernels are compiled: jit.py.
 """
 from functools import partial
 
@@ -22,7 +23,7 @@ import numpy as np
 from ... import threads
 from ...errors import UserError
 from ..contract import OP_NAMES, Backend, make_backend
-from . import attention, choose, elementwise, jit, linear, memory, optimizer
+from . import attention, choose, decode, elementwise, jit, linear, memory, optimizer
 
 FAMILIES = (elementwise, attention, linear, optimizer)
 COMPILE_SECONDS = 1.0     # per kernel, cold, on a 2-core Zen 1 (see compile_seconds)
@@ -69,4 +70,5 @@ def backend(kernels=None, buffer_pool=True, keep_freed_memory: bool = True,
                 table[name] = partial(fn, **wanted) if wanted else fn
     return make_backend("fused", table, {"kernels": kernels, "buffer_pool": buffer_pool,
                                          "keep_freed_memory": keep_freed_memory,
-                                         "compile_seconds": partial(compile_seconds, kernels)})
+                                         "compile_seconds": partial(compile_seconds, kernels),
+                                         "decode_step": decode.trace})
