@@ -114,6 +114,17 @@ def test_compiled_decode_equals_the_reference_ops_and_falls_back_without_a_kerne
         got, want = (m.decode(tokens, c, [0, 1, 2]) for m, c in zip((fused, ref), caches))
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(caches[0].k, caches[1].k, rtol=1e-12, atol=1e-12)
+    # float32, 6 streams (a block of 4 and two single rows): each row bit-equal to the same
+    # stream decoded alone
+    model = make_model(backend="fused")
+    together, alone = KVCache(model.cfg, streams=6), KVCache(model.cfg, streams=6)
+    for s in range(6):
+        for cache in (together, alone):
+            model.prefill(random_ids(2 + s, seed=20 + s), cache, s)
+    tokens = np.array(random_ids(6, seed=30))
+    batched = model.decode(tokens, together, list(range(6)))
+    for s in range(6):
+        np.testing.assert_array_equal(batched[s], model.decode(tokens[s:s + 1], alone, [s])[0])
 
     def refuse(self, x):
         raise decode.Untraceable("squared_relu")

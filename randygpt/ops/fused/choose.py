@@ -51,14 +51,21 @@ def mode_from_environment(environ=os.environ) -> str:
 
 
 def cpu_model() -> str:
+    """e.g. 'AMD EPYC (family 23 model 1)': the model name and, on x86, its family/model."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break                                   # the first CPU is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
 
 
 def blas_name() -> str:

@@ -12,8 +12,9 @@ implies, e.g. for each block
 
 and `_run` executes it over a buffer of slots (one row per stream). A description that
 uses an op the recorder has no kernel for (a new norm, an activation, dropout at decode)
-yields no program, and decode runs op by op as before, correct and slower. Products are
-plain loops (k outermost, so each weight row is read once for all streams); attention is
+yields no program, and decode runs op by op as before, correct and slower. Products run in
+register blocks of 4 streams x 32 outputs, summing k in order whatever the block (so a
+stream's logits are bit-identical alone or batched with others); attention is
 the reference kv_attention_forward's math for each (stream, head), reading and writing the
 model's KVCache. Tested against the op-by-op decode and full forward passes
 (tests/test_generate.py).
@@ -23,13 +24,16 @@ from __future__ import annotations
 import copy
 import math
 
+import numba
 import numpy as np
+from numba import njit
 
-from .jit import FASTMATH, njit
+from .jit import FASTMATH, stack_block
 
 NORM, MATMUL, ACT, ADD, ATTEND = range(5)
 _FIELDS = 8            # opcode, in a, in b, out, parameter offset, width in, width out, layer
-_ROWS = 8              # streams per pass over a weight matrix (8 x 4C outputs: 16 KiB at C=128)
+_COLS = 32             # a product's register block: 4 rows (streams) x 32 outputs
+_block = stack_block(4 * _COLS)
 
 
 class Untraceable(Exception):
@@ -135,11 +139,44 @@ def trace(model) -> DecodeStep | None:
                       logits.slot, model.cfg.n_head)
 
 
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy", boundscheck=False)
-def _axpy(alpha, x, y):
-    # y += alpha * x, on 1-D views (a loop LLVM vectorises)
-    for j in range(x.size):
-        y[j] += alpha * x[j]
+@njit(inline="always")
+def _zero(acc):
+    for r in range(4):
+        for j in range(_COLS):
+            acc[r, j] = 0
+
+
+@njit(fastmath={"contract"}, error_model="numpy")
+def _product_block(buf, s0, nr, a0, o0, W, j0, nc):
+    """buf[s0 + r, o0 + j0 + j] = sum_k buf[s0 + r, a0 + k] * W[k, j0 + j], r < nr (4 or 1),
+    j < nc: a block of sums held in registers while k runs in order 0, 1, ... (the same
+    order for any nr, so a stream's logits do not depend on how many streams share a step)."""
+    acc = numba.carray(_block(buf.dtype), (4, _COLS))
+    _zero(acc)
+    K = W.shape[0]
+    if nc == _COLS:
+        if nr == 4:                                         # constant trip counts unroll
+            for k in range(K):
+                w_row = W[k, j0:j0 + _COLS]
+                for r in range(4):
+                    x = buf[s0 + r, a0 + k]
+                    for j in range(_COLS):
+                        acc[r, j] += x * w_row[j]
+        else:
+            for k in range(K):
+                w_row = W[k, j0:j0 + _COLS]
+                x = buf[s0, a0 + k]
+                for j in range(_COLS):
+                    acc[0, j] += x * w_row[j]
+    else:
+        for k in range(K):
+            for r in range(nr):
+                x = buf[s0 + r, a0 + k]
+                for j in range(nc):
+                    acc[r, j] += x * W[k, j0 + j]
+    for r in range(nr):
+        for j in range(nc):
+            buf[s0 + r, o0 + j0 + j] = acc[r, j]
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -164,12 +201,13 @@ def _run(program, offsets, buf, flat, wte, wpe, tokens, positions, streams, kc, 
                 for c in range(d_in):
                     buf[s, o0 + c] = buf[s, a0 + c] * r * flat[w + c]
         elif op == MATMUL:
-            buf[:, o0:o0 + d_out] = 0
-            for s0 in range(0, S, _ROWS):   # a few rows' outputs stay in L1 while every
-                for k in range(d_in):       # weight row passes once for all of them
-                    row = flat[w + k * d_out:w + (k + 1) * d_out]
-                    for s in range(s0, min(S, s0 + _ROWS)):
-                        _axpy(buf[s, a0 + k], row, buf[s, o0:o0 + d_out])
+            W = flat[w:w + d_in * d_out].reshape(d_in, d_out)
+            s0 = 0
+            while s0 < S:                   # blocks of 4 rows (one row at the end)
+                nr = 4 if S - s0 >= 4 else 1
+                for j0 in range(0, d_out, _COLS):
+                    _product_block(buf, s0, nr, a0, o0, W, j0, min(_COLS, d_out - j0))
+                s0 += nr
         elif op == ACT:
             for s in range(S):
                 for c in range(d_in):
