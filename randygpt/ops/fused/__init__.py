@@ -26,14 +26,17 @@ from ..contract import OP_NAMES, Backend, make_backend
 from . import attention, choose, decode, elementwise, jit, linear, memory, optimizer
 
 FAMILIES = (elementwise, attention, linear, optimizer)
-COMPILE_SECONDS = 1.0     # per kernel, cold, on a 2-core Zen 1 (see compile_seconds)
+COMPILE_SECONDS = 1.0     # per kernel, cold: an estimate (all ~20 took ~12 s on a Zen 5)
 
 
 def compile_seconds(kernels: choose.KernelChoice, dtype="float32") -> float:
-    """About how long the first training step will spend compiling kernels that numba's disk
-    cache lacks (0 when every one is cached): the notice a first run prints."""
+    """About how long a first training run will spend compiling kernels that numba's disk
+    cache lacks (0 when every one is cached): the notice a first run prints. Kernels compile
+    lazily, on first use: the own sgemm only where it is timed or forced, the decode step
+    only when the run ends with a sample."""
     from . import sgemm
-    modules = [elementwise, attention, optimizer] + ([sgemm] if kernels.mode != "blas" else [])
+    modules = [elementwise, attention, optimizer, decode] + (
+        [sgemm] if kernels.mode != "blas" else [])
     return COMPILE_SECONDS * len(jit.uncached(modules, dtype))
 
 
