@@ -6,9 +6,9 @@ For each linear layer of configs A (small preset, 2048 positions, 128 channels) 
 positions, 256 channels): the forward x @ W and the input gradient dout @ W^T (sgemm.sgemm),
 and the weight gradient x^T dout (sgemm.sgemm_deep, split over positions). Both run in this
 process, alternating call by call; prints median GFLOP/s, the ratio, which one training
-takes for that shape (sgemm.takes_rows / takes_deep, the rules ops/fused/linear.py follows), and
-the sum over one training step. Also prints the environment that steers OpenBLAS (OPENBLAS_CORETYPE) and
-whether the fused backend's own_sgemm default is on (an AVX-512 CPU, RANDYGPT_OWN_SGEMM not 0).
+runs for that shape (the fused backend's measured decision, ops/fused/choose.py: read from
+its decision file, or timed now and kept there, as a training run would), and the sum over
+one training step. Prints the CPU, the BLAS and its kernel family, and the load first.
 """
 import argparse
 import os
@@ -16,12 +16,13 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.dirname(__file__)]
 
 import randygpt  # noqa: E402,F401  (thread policy before NumPy)
 import numpy as np  # noqa: E402
 
-from randygpt.ops.fused import sgemm  # noqa: E402
+from machine import describe  # noqa: E402
+from randygpt.ops.fused import choose, sgemm  # noqa: E402
 
 CONFIGS = {"A": (2048, 128, 6), "B": (16384, 256, 6)}     # positions, channels, layers
 VOCAB = 67
@@ -45,9 +46,9 @@ def main(argv=None):
     ap.add_argument("--configs", nargs="+", default=["A", "B"], choices=sorted(CONFIGS))
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args(argv)
-    own_sgemm = sgemm.own_sgemm_default()
-    print(f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; the fused "
-          f"backend's own_sgemm default (an AVX-512 CPU): {own_sgemm}")
+    print(describe())
+    choice = choose.KernelChoice()
+    print(f"kernel choice: {choice.mode} (RANDYGPT_SGEMM), decisions in {choice.path}")
     rng = np.random.default_rng(0)
     for name in args.configs:
         N, C, L = CONFIGS[name]
@@ -66,11 +67,11 @@ def main(argv=None):
                 t_ob, t_own = timed_pair(lambda: np.matmul(a, b, out=out),
                                          lambda: own(a, b, out), args.repeats)
                 flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
-                takes_own = (sgemm.takes_deep if deep else sgemm.takes_rows)(a, b, np.float32)
+                takes_own = choice.kernel("deep" if deep else "rows", a, b, out) == "own"
                 times = L if layer != "lm_head" else 1
                 step["OpenBLAS"] += times * t_ob
-                step["own"] += times * (t_own if takes_own and own_sgemm else t_ob)
-                note = "" if takes_own else "  (training: OpenBLAS)"
+                step["own"] += times * (t_own if takes_own else t_ob)
+                note = "  (training: own)" if takes_own else "  (training: OpenBLAS)"
                 print(f"  {layer:<12}{product:<16}{flops / t_ob / 1e9:>7.0f} GF"
                       f"{flops / t_own / 1e9:>7.0f} GF{t_ob / t_own:>7.2f}x{note}")
         print(f"  one training step's matmuls: OpenBLAS only {step['OpenBLAS'] * 1e3:.1f} ms, "

@@ -24,8 +24,10 @@ MFU = training FLOPs per token x tokens/s / peak, with FLOPs per token = 6 x (pa
 outside the two embedding tables) + 12 x layers x block x dim (attention scores and their
 weighted sum, forward and backward, as in the PaLM paper's accounting), and the peak = the
 best float32 matmul rate measured in the same run: NumPy/OpenBLAS and PyTorch/MKL at 2048^3,
-and randyGPT's own AVX-512 sgemm (which the fused path uses where the CPU has it) at
-(4096 x 512) @ (512 x 128), its best shape.
+and randyGPT's own sgemm at (4096 x 512) @ (512 x 128), its best shape (the fused path runs it
+on the product shapes where it measured faster than OpenBLAS on this machine: ops/fused/
+choose.py; the fused worker prints which kernel each product ran). The CPU, the BLAS and
+its kernel family (threadpoolctl) and the load are printed first.
 PyTorch is optional: without it the script says so and reports randyGPT alone.
 """
 from __future__ import annotations
@@ -109,12 +111,9 @@ def best_gflops(matmul, a, b, repeats) -> float:
 
 
 def own_sgemm_peak(repeats=20) -> float:
-    """Best GFLOP/s of randyGPT's own sgemm (ops/fused/sgemm.py) at its best shape; 0 where the CPU
-    has no AVX-512 (training then uses OpenBLAS)."""
+    """Best GFLOP/s of randyGPT's own sgemm (ops/fused/sgemm.py) at its best shape."""
     import numpy as np
     from randygpt.ops.fused import sgemm
-    if not sgemm.own_sgemm_default():
-        return 0.0
     rng = np.random.default_rng(0)
     a = rng.standard_normal((4096, 512), dtype=np.float32)
     b = rng.standard_normal((512, 128), dtype=np.float32)
@@ -148,8 +147,8 @@ ABLATIONS = {
                      {"buffer_pool": False}),
     "-attention": ("fused attention (reference: stores B*H*T*T probabilities)", {},
                    ["attention"], {}),
-    "-own-sgemm": ("own AVX-512 sgemm, all three products (OpenBLAS's instead)", {}, [],
-                   {"own_sgemm": False}),
+    "-kernel-choice": ("own sgemm where it measured faster (OpenBLAS everywhere instead)", {},
+                       [], {"kernels": "blas"}),
     "-linear-2d": ("2-D matmuls (reference: one sgemm per batch item)", {}, ["linear"], {}),
     "-elementwise": ("fused norm/ReLU^2/dropout/embedding/cross-entropy kernels", {},
                      _ELEMENTWISE, {}),
@@ -189,6 +188,7 @@ def randygpt_trainer(cfg, impl):
         clip_grad_norm(model.grads.flat, CLIP)
         opt.step(model.grads.flat, LR)
         return loss
+    step.kernels = model.backend.options.get("kernels")      # the fused backend's choices
     return step
 
 
@@ -287,6 +287,10 @@ def worker(impl, config_name, warmup):
     info = dict(ready=True, startup_s=t_start - float(os.environ.get("RANDYGPT_BENCH_T0", t_start)),
                 setup_s=time.perf_counter() - t_start, first_step_s=first_step,
                 step_s=statistics.median(warm) if warm else first_step)
+    kernels = getattr(step, "kernels", None)
+    if kernels is not None:
+        info["kernels"] = [f"{kernels.mode}: " + ("; ".join(kernels.summary())
+                                                  or f"every product on {kernels.mode}")]
     if impl == "torch":
         import torch
         info.update(threads=torch.get_num_threads(),
@@ -343,25 +347,32 @@ def generation_worker(impl, n_tokens):
     """Single-stream tokens/s on config A's shape: randyGPT's KV-cache decoder (the path of
     `randygpt generate`), or PyTorch nanoGPT-style (full forward over the window per token)."""
     import numpy as np
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    sys.path[:0] = [os.path.join(ROOT, "benchmarks"), os.path.join(ROOT, "tests")]
     from randygpt.config import ModelConfig
     from randygpt.model import GPT
     cfg = CONFIGS["A"]
     mcfg = ModelConfig(vocab_size=VOCAB, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
                        n_embd=cfg["n_embd"], n_head=cfg["n_head"], dropout=0.0)
-    model = GPT(mcfg, seed=0)
+    model = GPT(mcfg, seed=0, backend="reference" if impl == "torch" else impl)
     prompt = list(range(1, 17))
     if impl == "torch":
-        from bench_generate import torch_peer
-        rate = torch_peer(model, prompt, n_tokens)[0]
+        from bench_generate import torch_rate
+        rate = torch_rate(model, prompt, n_tokens)[0]
     else:
-        from randygpt.sample import SamplingConfig, generate_ids
+        from randygpt.blas import set_blas_threads
+        from randygpt.sample import SamplingConfig
+        from randygpt.session import generate
+        from randygpt.tokenizer import CharTokenizer
+        set_blas_threads(1)                       # as `randygpt generate` does
+        tok = CharTokenizer("".join(chr(65 + i) for i in range(VOCAB - 2)))
+        tok.eos_id = -1                           # never sampled: every run makes n tokens
+        list(generate(model, tok, prompt, 4))     # compile / load kernels first
         best = float("inf")
         for _ in range(3):
             t0 = time.perf_counter()
-            made = sum(1 for _ in generate_ids(model, prompt, n_tokens,
-                                               SamplingConfig(temperature=0.8),
-                                               np.random.default_rng(0)))
+            made = sum(e.token is not None for e in generate(
+                model, tok, prompt, n_tokens, SamplingConfig(temperature=0.8),
+                rng=np.random.default_rng(0)))
             best = min(best, time.perf_counter() - t0)
         rate = made / best
     print(json.dumps(dict(tokens_per_s=rate)), flush=True)
@@ -416,6 +427,8 @@ def run_config(name, impls, rounds, round_seconds, peak, baseline="torch"):
             workers.append(w)
             print(f"  {label(impl):<19} ready: first step {w.info['first_step_s']:.2f} s, "
                   f"then {w.info['step_s'] * 1000:.0f} ms/step", flush=True)
+            for line in w.info.get("kernels", []):
+                print(f"    kernels ({line})", flush=True)
         if "torch" in impls:
             peak = max(peak, workers[impls.index("torch")].info["peak_gflops"])
         rates = {w.impl: [] for w in workers}
@@ -506,6 +519,9 @@ def main():
     import numpy as np
     torch_ok = have_torch()
     impls = ["fused"] + ([] if args.no_reference else ["reference"]) + (["torch"] if torch_ok else [])
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from machine import describe
+    print(describe())
     print(f"{os.cpu_count()} CPU(s); numpy {np.__version__}; "
           + (f"torch {__import__('torch').__version__}" if torch_ok else
              "PyTorch is not installed: reporting randyGPT alone "
@@ -545,14 +561,15 @@ def main():
               f"{cold:.1f} s with an empty numba cache (compiling), {warm:.1f} s with it warm")
     if not args.no_generation:
         print("\nsingle-stream generation, config A shape, 500 tokens, best of 3:")
-        for impl in ["randygpt"] + (["torch"] if torch_ok else []):
+        for impl in ["reference", "fused"] + (["torch"] if torch_ok else []):
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", impl,
                                   "--generate", "500"], capture_output=True, text=True,
                                  env=dict(os.environ, PYTHONPATH=ROOT))
             rate = json.loads(out.stdout.splitlines()[-1])["tokens_per_s"] if out.returncode == 0 \
                 else float("nan")
-            what = ("randyGPT (KV cache, `randygpt generate`'s path)" if impl == "randygpt"
-                    else "PyTorch (nanoGPT-style, no cache)")
+            what = {"reference": "randyGPT reference (KV cache, `randygpt generate`)",
+                    "fused": "randyGPT fused (KV cache, one compiled step)",
+                    "torch": "PyTorch (nanoGPT-style, no cache)"}[impl]
             print(f"  {what:<50} {rate:>8,.0f} tokens/s")
 
 

@@ -281,6 +281,11 @@ class GPT:
         if (pos >= self.cfg.block_size).any():
             raise ValueError(f"a KV cache is full ({self.cfg.block_size} positions): slide "
                              "the window by prefilling its most recent tokens again")
+        step = self._decode_step()
+        if step is not None:          # the fused backend: the same blocks, one compiled call
+            logits = step(self.params.flat, tokens, pos, streams, cache)
+            cache.lengths[streams] = pos + 1
+            return logits
         # the embedding of one position per stream: wte[token] + wpe[position]. Rows are
         # streams: (S, C) runs the same per-position ops as (B, T, C), as 2-D products.
         xp = self.xp                                                           # (S, C):
@@ -290,6 +295,14 @@ class GPT:
             x, _ = self.block_forward(x, i, kv=view)
         cache.lengths[streams] = pos + 1
         return self.backend.to_host(self.head_forward(x))                      # (S, V)
+
+    def _decode_step(self):
+        # a backend may compile decode from these blocks (fused: ops/fused/decode.py); traced
+        # once per model, None where the backend has no such step or lacks a kernel
+        if not hasattr(self, "_step"):
+            trace = self.backend.options.get("decode_step")
+            self._step = trace(self) if trace is not None else None
+        return self._step
 
     def head_forward(self, x):
         """x (..., C) -> logits (..., V): the final norm and the LM head."""

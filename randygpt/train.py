@@ -200,13 +200,19 @@ def _train(plan, backend, sample_tokens, progress, log, stop_after, exact_eval,
     model, tcfg, tokenizer = run.model, plan.train, run.tokenizer
     rows = tcfg.batch_size * tcfg.grad_accum          # this rank's share of a step's batch
     mine = slice(world.rank * rows, (world.rank + 1) * rows)
-    tokens_per_iter = rows * world.size * model.cfg.block_size
-    train_time = 0.0
     to_device = model.backend.to_device
     # a loss on a GPU is checked where it is looked at (evaluations), not each step: reading
     # it would make the host wait for the GPU every step. A non-finite step there shows up as
     # a non-finite val loss at the next evaluation, and no checkpoint takes NaN weights.
     check_each_step = model.xp is np
+    compiling = model.backend.options.get("compile_seconds", lambda: 0)()
+    if compiling:
+        log(f"compiling fast kernels once, ~{compiling:.0f} s (later runs load them from disk)")
+    # tok/s: real (non-padded) target tokens of the whole step's batch (every rank's) per
+    # second of training steps, the first step of the process left out (it compiles kernels
+    # and times the kernel choice), unless only one
+    tokens = train_time = 0.0
+    first = None
     # overflow warnings would bury the one-line divergence error: the loop checks every loss
     with Reporter(run, progress, log, world, exact_eval) as report, \
             np.errstate(over="ignore", invalid="ignore"):
@@ -225,8 +231,12 @@ def _train(plan, backend, sample_tokens, progress, log, stop_after, exact_eval,
                               grad_hook=world.reduce_gradients if world.size > 1 else None)
             loss, signum = world.exchange(step.loss, report.signum)
             done = it + 1
-            train_time += time.perf_counter() - t0
-            tok_s = tokens_per_iter * (done - run.start_iter) / train_time
+            real, seconds = int((y >= 0).sum()), time.perf_counter() - t0
+            if first is None:
+                first = (real, seconds)
+            else:
+                tokens, train_time = tokens + real, train_time + seconds
+            tok_s = tokens / train_time if train_time else first[0] / first[1]
             report.stepped(done, loss, lr, tok_s)
             if done % tcfg.eval_interval == 0 or done == tcfg.iters:
                 report.evaluate(done, lr, tok_s)

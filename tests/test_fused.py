@@ -1,6 +1,7 @@
 """The fused backend's ops against the readable reference they replace, its options, and the
 fast path end to end: whole-model finite differences, a short training run, the fused AdamW,
 the thread policy."""
+import json
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 from randygpt.config import ModelConfig
 from randygpt.model import GPT
 from randygpt.ops import contract, reference
-from randygpt.ops.fused import elementwise, memory, sgemm
+from randygpt.ops.fused import choose, elementwise, memory, sgemm
 from randygpt.optim import AdamW, clip_grad_norm
 from randygpt import threads
 from gradcheck import check_model_gradient, rel_error
@@ -105,14 +106,15 @@ def test_own_weight_gradient_kernel_matches_matmul(dtype, K, M, N):
     close(out, x.T @ d, dtype)
 
 
-@pytest.mark.parametrize("own_sgemm", [False, True])
+@pytest.mark.parametrize("kernels", ["blas", "own", "auto"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,T,IN,OUT", [(3, 5, 12, 20), (2, 8, 64, 96), (4, 50, 128, 192),
                                         (4, 130, 128, 256)])
-def test_linear(dtype, B, T, IN, OUT, own_sgemm, monkeypatch):
-    # the last shapes take the own sgemm for x @ W and dout @ W^T (when the CPU has AVX-512,
-    # or asked for here): float32, whole 64-column panels, >= 128 summed terms
-    backend = contract.get_backend("fused", own_sgemm=own_sgemm)
+def test_linear(dtype, B, T, IN, OUT, kernels, monkeypatch, tmp_path):
+    # every kernel choice against the reference: "own" sends every float32 product (x @ W,
+    # dout @ W^T, the weight gradient) to the own kernels, "blas" none, "auto" what it timed
+    choice = choose.KernelChoice(kernels, path=str(tmp_path / "kernels.json"))
+    backend = contract.get_backend("fused", kernels=choice)
     calls = []
     monkeypatch.setattr(sgemm, "sgemm", lambda *a, _f=sgemm.sgemm: calls.append(1) or _f(*a))
     monkeypatch.setattr(sgemm, "sgemm_deep",
@@ -127,10 +129,81 @@ def test_linear(dtype, B, T, IN, OUT, own_sgemm, monkeypatch):
     for got, want in zip(got, want):
         assert got.shape == want.shape
         close(got, want, dtype)
-    takes_own = own_sgemm and dtype == np.float32 and IN == 128
-    # x @ W and dout @ W^T; the weight gradient too once C is large and the sum long
-    expected = ([1, 1] + ([2] if OUT == 256 else [])) if takes_own else []
-    assert sorted(calls) == expected
+    if kernels == "auto":
+        assert set(choice.ran.values()) <= {"blas", "own"}
+        assert (len(choice.ran) == 3) == (dtype == np.float32 and 2 * B * T * IN * OUT
+                                          >= choose.SMALL_FLOPS)
+    else:
+        takes_own = kernels == "own" and dtype == np.float32
+        assert sorted(calls) == ([1, 1, 2] if takes_own else [])
+
+
+class FakeTimer:
+    """Times by the kernel that runs: OpenBLAS `blas_s`, the own sgemm `own_s` seconds."""
+    def __init__(self, blas_s, own_s, monkeypatch):
+        self.blas_s, self.own_s, self.calls, self.last = blas_s, own_s, [], None
+        for name in ("sgemm", "sgemm_deep"):
+            monkeypatch.setattr(sgemm, name, lambda *a, _f=getattr(sgemm, name):
+                                setattr(self, "last", "own") or _f(*a))
+
+    def __call__(self, fns):
+        times = []
+        for fn in fns:
+            self.last = "blas"
+            fn()
+            self.calls.append(self.last)
+            times.append(self.own_s if self.last == "own" else self.blas_s)
+        return times
+
+
+@pytest.mark.parametrize("own_s, winner", [(0.5, "own"), (0.95, "blas"), (2.0, "blas")])
+def test_kernel_choice_keeps_the_faster_and_near_ties_go_to_openblas(own_s, winner,
+                                                                     monkeypatch, tmp_path):
+    path = str(tmp_path / "kernels.json")
+    timer = FakeTimer(1.0, own_s, monkeypatch)
+    choice = choose.KernelChoice("auto", path=path, timer=timer)
+    backend = contract.get_backend("fused", kernels=choice)
+    x, w = normal(4, 130, 128), normal(128, 256)
+    out, cache = backend.linear_forward(x, w)
+    close(out, x @ w, np.float32)
+    backend.linear_forward(x, w)                                     # decided: not timed again
+    assert timer.calls == ["blas", "own"]
+    assert list(choice.ran.values()) == [winner]
+    # the decision is on disk, under this machine's key; a new process starts without timing
+    saved = json.load(open(path))[choose.machine_key()]
+    assert [d["kernel"] for d in saved.values()] == [winner]
+    again = choose.KernelChoice("auto", path=path, timer=lambda fns: pytest.fail("timed"))
+    out2, _ = contract.get_backend("fused", kernels=again).linear_forward(x, w)
+    close(out2, x @ w, np.float32)
+    assert list(again.ran.values()) == [winner]
+
+
+def test_kernel_choice_survives_a_bad_decision_file_and_a_broken_own_kernel(monkeypatch,
+                                                                            tmp_path):
+    path = tmp_path / "kernels.json"
+    path.write_text("{ not json")
+    monkeypatch.setattr(sgemm, "sgemm", lambda *a: 1 / 0)          # fails here: no candidate
+    timer = FakeTimer(1.0, 0.01, monkeypatch)
+    choice = choose.KernelChoice("auto", path=str(path), timer=timer)
+    x, w = normal(4, 130, 128), normal(128, 256)
+    out, _ = contract.get_backend("fused", kernels=choice).linear_forward(x, w)
+    close(out, x @ w, np.float32)
+    assert not choice.own_works() and list(choice.ran.values()) == ["blas"]
+    assert json.load(open(path))                                    # rewritten, readable
+
+
+def test_kernel_choice_from_the_environment(monkeypatch):
+    from randygpt.errors import UserError
+    for env, mode in (({}, "auto"), ({"RANDYGPT_SGEMM": "own"}, "own"),
+                      ({"RANDYGPT_SGEMM": "BLAS"}, "blas"), ({"RANDYGPT_OWN_SGEMM": "0"}, "blas")):
+        assert choose.mode_from_environment(env) == mode
+    monkeypatch.setenv("RANDYGPT_SGEMM", "fastest")
+    with pytest.raises(UserError) as e:
+        contract.get_backend("fused")
+    assert "RANDYGPT_SGEMM" in str(e.value) and "auto, blas, own" in str(e.value)
+    monkeypatch.setenv("RANDYGPT_SGEMM", "own")
+    assert contract.get_backend("fused").options["kernels"].mode == "own"
+    assert contract.get_backend("fused", own_sgemm=False).options["kernels"].mode == "blas"
 
 
 # T: 1, not a multiple of the 4-row or 16-column tiles, several tiles; hs: 1 and 4 (padded
@@ -242,10 +315,10 @@ def test_backends_with_different_options_coexist(monkeypatch):
     # two backends in one process, each reading its own options on every call
     calls = []
     monkeypatch.setattr(sgemm, "sgemm", lambda *a, _f=sgemm.sgemm: calls.append(1) or _f(*a))
-    own = contract.get_backend("fused", own_sgemm=True, buffer_pool=True)
-    blas = contract.get_backend("fused", own_sgemm=False, buffer_pool=False)
-    assert own.options["own_sgemm"] and not blas.options["own_sgemm"]
-    x, w = normal(4, 130, 128), normal(128, 256)                      # a shape own takes
+    own = contract.get_backend("fused", kernels="own", buffer_pool=True)
+    blas = contract.get_backend("fused", kernels="blas", buffer_pool=False)
+    assert own.options["kernels"].mode == "own" and blas.options["kernels"].mode == "blas"
+    x, w = normal(4, 130, 128), normal(128, 256)
     for backend, want_calls in ((own, [1]), (blas, []), (own, [1])):
         calls.clear()
         out, _ = backend.linear_forward(x, w)
@@ -381,17 +454,6 @@ def test_generation_path_does_not_import_numba():
     assert out.stdout.strip() == "False"
 
 
-def test_own_sgemm_can_be_switched_off_from_the_environment():
-    import os
-    code = ("from randygpt.ops import contract; from randygpt.ops.fused import sgemm; "
-            "print(contract.get_backend('fused').options['own_sgemm'], sgemm._host_has_avx512())")
-    for value in ("0", "1"):
-        env = dict(os.environ, RANDYGPT_OWN_SGEMM=value)
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             env=env, check=True).stdout.split()
-        assert out[0] == ("False" if value == "0" else out[1])   # on only where AVX-512 is
-
-
 def test_thread_policy_fills_in_only_unset_variables():
     env = {"OMP_WAIT_POLICY": "active"}
     applied = threads.apply(env)
@@ -435,3 +497,19 @@ def test_buffer_pool_reuses_memory_only_after_every_view_is_gone():
     c = pool.empty((2, 16), np.float32)          # same size, now free: reused
     assert c.__array_interface__["data"][0] == address
     assert pool.empty((3,), np.float32).base is None      # small: plain np.empty
+
+
+def test_uncached_names_kernels_until_their_float32_version_is_on_disk(tmp_path, monkeypatch):
+    # what the first-run notice counts: a kernel is cold until numba has cached it for float32
+    import importlib
+    from randygpt.ops.fused import jit
+    (tmp_path / "cold_kernel_module.py").write_text(
+        "from numba import njit\n@njit(cache=True)\ndef double(x):\n    return x * 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("cold_kernel_module")
+    assert jit.uncached([module]) == [module.double]
+    module.double(np.ones(3, np.float64))
+    assert jit.uncached([module]) == [module.double]                 # float64 only
+    module.double(np.ones(3, np.float32))
+    assert jit.uncached([module]) == []
+    assert contract.get_backend("fused").options["compile_seconds"]() >= 0

@@ -22,10 +22,16 @@ TOK = CharTokenizer(TEXT)
 BLOCK = 12
 
 
-def make_model(dtype=np.float32, block=BLOCK, seed=3):
+# decode runs op by op on the reference backend and as one compiled step (traced from the
+# same blocks, ops/fused/decode.py) on the fused backend: the cache tests run on both
+BACKENDS = ["reference", "fused"]
+
+
+def make_model(dtype=np.float32, block=BLOCK, seed=3, backend="reference"):
     cfg = ModelConfig(vocab_size=TOK.vocab_size, block_size=block, n_layer=2, n_embd=32,
                       n_head=4, dropout=0.0)
-    model = GPT(cfg, seed=seed, dtype=dtype)
+    model = GPT(cfg, seed=seed, dtype=dtype, backend=backend)
+    assert (model._decode_step() is not None) == (backend == "fused")
     # larger weights than the N(0, 0.02) init, so attention is far from uniform and a wrong
     # key, value or position would show in the logits
     model.params.flat[...] *= 8
@@ -55,10 +61,11 @@ def test_prefill_equals_forward_at_every_position():
     np.testing.assert_allclose(got, full_logits(model, ids), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-5), (np.float64, 1e-12)])
-def test_decode_steps_equal_forward_at_every_position(dtype, tol):
+def test_decode_steps_equal_forward_at_every_position(dtype, tol, backend):
     # float64 at 1e-12 shows the decode math (cached k/v, one position) is exact, not close
-    model = make_model(dtype)
+    model = make_model(dtype, backend=backend)
     ids = random_ids(BLOCK, seed=1)
     want = full_logits(model, ids)
     cache = KVCache(model.cfg, dtype=dtype)
@@ -71,10 +78,11 @@ def test_decode_steps_equal_forward_at_every_position(dtype, tol):
         model.decode(np.array([ids[0]]), cache, [0])
 
 
-def test_batched_decode_equals_each_stream_alone():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_decode_equals_each_stream_alone(backend):
     # 5 streams at different lengths decoded in one step (some streams idle): each row is
     # its own window's forward pass, whatever the others hold
-    model = make_model(np.float64)
+    model = make_model(np.float64, backend=backend)
     cache = KVCache(model.cfg, streams=6, dtype=np.float64)
     prompts = {s: random_ids(1 + s, seed=10 + s) for s in (0, 1, 2, 4, 5)}
     for s, ids in prompts.items():
@@ -89,6 +97,48 @@ def test_batched_decode_equals_each_stream_alone():
             np.testing.assert_allclose(logits[row], want, rtol=1e-12, atol=1e-12)
 
 
+def test_compiled_decode_equals_the_reference_ops_and_falls_back_without_a_kernel(
+        monkeypatch):
+    # the compiled step against the op-by-op decode of the same weights on the reference
+    # backend, 3 streams, every position; a description with an op the step has no kernel
+    # for (faked: the recorder refuses squared ReLU) gets no step and decodes op by op
+    from randygpt.ops.fused import decode
+    fused = make_model(np.float64, backend="fused")
+    ref = make_model(np.float64)
+    caches = [KVCache(fused.cfg, streams=3, dtype=np.float64) for _ in range(2)]
+    for s in range(3):
+        for model, cache in zip((fused, ref), caches):
+            model.prefill(random_ids(1 + s, seed=s), cache, s)
+    for step in range(BLOCK - 3):
+        tokens = np.array(random_ids(3, seed=50 + step))
+        got, want = (m.decode(tokens, c, [0, 1, 2]) for m, c in zip((fused, ref), caches))
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(caches[0].k, caches[1].k, rtol=1e-12, atol=1e-12)
+    # float32, 6 streams (a block of 4 and two single rows): each row bit-equal to the same
+    # stream decoded alone
+    model = make_model(backend="fused")
+    together, alone = KVCache(model.cfg, streams=6), KVCache(model.cfg, streams=6)
+    for s in range(6):
+        for cache in (together, alone):
+            model.prefill(random_ids(2 + s, seed=20 + s), cache, s)
+    tokens = np.array(random_ids(6, seed=30))
+    batched = model.decode(tokens, together, list(range(6)))
+    for s in range(6):
+        np.testing.assert_array_equal(batched[s], model.decode(tokens[s:s + 1], alone, [s])[0])
+
+    def refuse(self, x):
+        raise decode.Untraceable("squared_relu")
+    monkeypatch.setattr(decode._Recorder, "squared_relu_forward", refuse)
+    plain = GPT(fused.cfg, seed=None, dtype=np.float64, backend=fused.backend)
+    plain.params.flat[...] = fused.params.flat
+    assert plain._decode_step() is None
+    cache = KVCache(plain.cfg, dtype=np.float64)
+    ids = random_ids(5, seed=8)
+    plain.prefill(ids[:4], cache)
+    np.testing.assert_allclose(plain.decode(np.array(ids[4:]), cache, [0])[0],
+                               full_logits(ref, ids)[-1], rtol=1e-12, atol=1e-12)
+
+
 def expected_windows(ids, block, keep):
     """The documented window policy, written out independently of Session."""
     window, out, slides = [], [], 0
@@ -101,9 +151,10 @@ def expected_windows(ids, block, keep):
     return out, slides
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("keep", [0, 3, BLOCK // 2, BLOCK - 1])
-def test_sliding_window_logits_equal_forward_over_the_window(keep):
-    model = make_model()
+def test_sliding_window_logits_equal_forward_over_the_window(keep, backend):
+    model = make_model(backend=backend)
     ids = random_ids(4 * BLOCK + 5, seed=2)
     session = Session(model, TOK, keep=keep)
     windows, slides = expected_windows(ids, BLOCK, keep)
@@ -167,11 +218,12 @@ def test_cached_generation_gives_the_same_tokens_as_uncached(sampling):
     assert len(cached) == n and cached == uncached
 
 
-def test_concurrent_streams_each_equal_their_own_generation():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concurrent_streams_each_equal_their_own_generation(backend):
     # 4 streams with different prompts, sampling settings, stops and lengths, decoded
     # together (batched steps; streams finish at different times, one joins late): each
     # stream's events are exactly those it makes alone
-    model = make_model()
+    model = make_model(backend=backend)
     jobs = [("the ", 30, SamplingConfig(temperature=0), (), 1),
             ("quick", 25, SamplingConfig(temperature=1.0, top_k=5), (), 2),
             ("", 40, SamplingConfig(temperature=0.8, top_p=0.9), ("bo",), 3),

@@ -112,3 +112,29 @@ def test_the_last_evaluation_is_exact_and_exact_eval_makes_every_one_exact(tmp_p
     assert abs(exact.history[-1]["val_loss_exact"] - want) < 1e-5
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows == exact.history
+
+
+def test_first_run_notice_and_tok_s_of_real_tokens_without_the_first_step(monkeypatch,
+                                                                           tmp_path):
+    # a fake clock: every perf_counter() call is one second later, so each step takes 1 s;
+    # documents shorter than the block leave padded (ignored) targets, which must not count
+    from types import SimpleNamespace
+
+    import randygpt.train as tr
+    from randygpt.ops.contract import get_backend
+    clock = iter(range(10 ** 6))
+    monkeypatch.setattr(tr, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    real, step = [], tr.train_step
+    monkeypatch.setattr(tr, "train_step", lambda model, opt, x, y, *a, **k:
+                        real.append(int((y >= 0).sum())) or step(model, opt, x, y, *a, **k))
+    backend = get_backend("fused")
+    backend.options = dict(backend.options, compile_seconds=lambda: 7.2)
+    lines = []
+    m, t = tiny(iters=4, eval_interval=4)
+    text = "\n".join(["short one", "a little longer line", "tiny"] * 40)
+    train(plan_run(m, t, text=text, out_dir=str(tmp_path), doc_separator="\n"),
+          backend=backend, sample_tokens=0, log=lines.append)
+    assert "compiling fast kernels once, ~7 s (later runs load them from disk)" in lines
+    assert len(real) == 4 and sum(real) < 4 * t.batch_size * m.block_size     # padding
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["tokens_per_sec"] == round(sum(real[1:]) / 3, 1)

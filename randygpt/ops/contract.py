@@ -53,9 +53,10 @@ def _same(x):
 @dataclass
 class Backend:
     """A named op table. `own` lists the ops the backend implements itself (the rest are the
-    reference's); `options` are its settings, e.g. the fused backend's own_sgemm. `xp` is the
-    array module its arrays live in (the model allocates its buffers there); `to_device` and
-    `to_host` move an array in and out of it (identity for the NumPy backends)."""
+    reference's); `options` are its settings, e.g. the fused backend's kernels (which
+    kernel runs each product, ops/fused/choose.py). `xp` is the array module its arrays live
+    in (the model allocates its buffers there); `to_device` and `to_host` move an array in
+    and out of it (identity for the NumPy backends)."""
     name: str
     ops: SimpleNamespace
     own: frozenset = frozenset()

@@ -49,3 +49,24 @@ def rows(x):
 def flat(x):
     """x -> a C-contiguous (n,) view (or copy)."""
     return np.ascontiguousarray(x).reshape(-1)
+
+
+def uncached(modules, dtype="float32") -> list:
+    """The kernels of `modules` that numba's disk cache holds no `dtype` version of for this
+    CPU: what the first use will compile. (Reads the cache's index, numba's own format: a
+    kernel whose index cannot be read counts as cached, so at worst a notice is missed.)"""
+    cold = []
+    for module in modules:
+        for kernel in vars(module).values():
+            cache = getattr(kernel, "_cache", None)
+            if cache is None or not hasattr(kernel, "targetctx"):
+                continue
+            try:
+                magic = kernel.targetctx.codegen().magic_tuple()
+                index = cache._cache_file._load_index()
+                warm = any(key[1] == magic and dtype in str(key[0]) for key in index)
+            except Exception:
+                warm = True
+            if not warm:
+                cold.append(kernel)
+    return cold

@@ -1,10 +1,10 @@
-"""randyGPT's own float32 matrix product, for CPUs with AVX-512.
+"""randyGPT's own float32 matrix product (numba, compiled for the host CPU).
 
-NumPy's OpenBLAS may run its AVX2 kernels on an AVX-512 CPU (this machine pins
-OPENBLAS_CORETYPE=Haswell, and we leave that alone), while numba compiles for the host. A
-6 x 64 block of the output held in 24 vector registers (`_gemm_block_product`) reaches ~265
-GFLOP/s per core here, against OpenBLAS's ~125; `benchmarks/bench_sgemm.py` compares the two
-on every training shape. Two drivers:
+A 6 x 64 block of the output held in vector registers (`_gemm_block_product`: 24 zmm
+registers with AVX-512, 48 ymm with AVX2). It reached ~265 GFLOP/s per core on an AMD Zen 5
+whose OpenBLAS was pinned to its Haswell kernels (~125), and 0.25-0.48x OpenBLAS on an Intel
+Xeon running OpenBLAS's SkylakeX kernels: whether it wins depends on the CPU and the BLAS, so
+choose.py times it against OpenBLAS per shape and the faster runs. Two drivers:
 
   - `sgemm`: rows of the output split over threads, each 6-row block of A meeting B's
     64-column panels straight from memory (the layers' x @ W and dout @ W^T: many rows).
@@ -13,13 +13,10 @@ on every training shape. Two drivers:
     order (the same result for any thread count); blocks of A and B are packed into panels
     contiguous in k first.
 
-`takes_rows` / `takes_deep` say where each beats OpenBLAS (measured); fused/linear.py uses them
-when the backend's own_sgemm option is on (by default: an AVX-512 host, `own_sgemm_default`).
-Tested against NumPy's matmul in tests/test_fused.py.
+Both take any shapes and float dtypes. `benchmarks/bench_sgemm.py` compares them with
+OpenBLAS on every training shape; tests/test_fused.py checks them against NumPy's matmul.
 """
 from __future__ import annotations
-
-import os
 
 import numba
 import numpy as np
@@ -31,20 +28,6 @@ from .jit import FASTMATH as _FASTMATH, stack_block
 _GEMM_ROWS, _GEMM_COLS = 6, 64        # the block of C one micro-kernel call keeps in registers
 _GEMM_CHUNK = 96                      # rows of C per parallel work item
 _gemm_block = stack_block(_GEMM_ROWS * _GEMM_COLS)
-
-
-def _host_has_avx512() -> bool:
-    try:
-        import llvmlite.binding as llvm
-        return bool(llvm.get_host_cpu_features().get("avx512f", False))
-    except Exception:                                   # no feature query: play safe
-        return False
-
-
-def own_sgemm_default() -> bool:
-    """The fused backend's own_sgemm default: on where the CPU has AVX-512, unless
-    RANDYGPT_OWN_SGEMM=0 (every product on OpenBLAS: to compare, or if a CPU misbehaves)."""
-    return _host_has_avx512() and os.environ.get("RANDYGPT_OWN_SGEMM", "1") != "0"
 
 
 @njit(inline="always")
@@ -184,16 +167,3 @@ def sgemm_deep(a, b, out):
     """a (M, K) @ b (K, N) into out (M, N) for K much larger than M (a weight gradient)."""
     _gemm_deep(a, b, out)
     return out
-
-
-def takes_rows(a, b, dtype) -> bool:
-    """Where `sgemm` beats OpenBLAS: float32, whole 64-column panels, >= 128 terms per sum."""
-    return dtype == np.float32 and b.shape[1] % _GEMM_COLS == 0 and a.shape[1] >= 128 \
-        and a.flags.c_contiguous
-
-
-def takes_deep(a, b, dtype) -> bool:
-    """Where `sgemm_deep` beats OpenBLAS: float32, whole panels, an output of >= 2^15 values
-    (not 128 x 128), a sum at least 4x longer than the output is tall."""
-    M, K, N = a.shape[0], a.shape[1], b.shape[1]
-    return dtype == np.float32 and N % _GEMM_COLS == 0 and M * N >= 1 << 15 and K >= 4 * M

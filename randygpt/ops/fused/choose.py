@@ -1,0 +1,223 @@
+"""Which kernel runs each float32 product: chosen by timing on this machine, not by CPU flags.
+
+The own sgemm (sgemm.py) beat OpenBLAS 2x on an AMD Zen 5 and lost 3x on an Intel Xeon with
+the same AVX-512 flags; a rule written on one CPU is wrong on the next. So the first time a
+product shape is met, both candidates run on the real arrays and the faster is kept:
+
+    kind "rows": a (M, K) @ b (K, N)   OpenBLAS  | sgemm.sgemm        (x @ W, dout @ W^T)
+    kind "deep": a (M, K) @ b (K, N)   OpenBLAS  | sgemm.sgemm_deep   (x^T dout, K >> M)
+
+Near-ties go to OpenBLAS (the own kernel must be MARGIN faster), and products under
+SMALL_FLOPS stay on OpenBLAS untimed (the own kernels start threads; at that size they never
+win, and generation meets a new small shape at every batch size). Decisions are kept on disk
+(`decision_file`), keyed by what they depend on: CPU model and LLVM's target, NumPy, numba and
+BLAS versions, OPENBLAS_CORETYPE, both thread counts and the shape; later runs start at once.
+A decision stays until that file is deleted: one timed while other processes loaded the
+machine may be the wrong one for a quiet machine (the candidates' calls are interleaved, and
+the fastest of each counts, to keep that rare).
+
+    RANDYGPT_SGEMM=auto (default) | blas | own     force either (own: every float32 product)
+    RANDYGPT_OWN_SGEMM=0                           the older switch, same as blas
+
+The own kernels are candidates only where they compile and run here (tried once, on a 2 x 2
+product); an own kernel that fails is never chosen.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+MODES = ("auto", "blas", "own")
+MARGIN = 0.10            # the own kernel must take <= 90% of OpenBLAS's time to be chosen
+SMALL_FLOPS = 1 << 21    # 2 M K N below this: OpenBLAS, untimed
+REPEATS = 5              # timed calls per candidate (after one warm-up); the minimum counts
+
+
+def mode_from_environment(environ=os.environ) -> str:
+    mode = environ.get("RANDYGPT_SGEMM", "").strip().lower()
+    if not mode:
+        return "blas" if environ.get("RANDYGPT_OWN_SGEMM") == "0" else "auto"
+    if mode not in MODES:
+        from ...errors import UserError
+        raise UserError(f"RANDYGPT_SGEMM={mode!r} is not a kernel choice; use one of "
+                        f"{', '.join(MODES)}", "backend")
+    return mode
+
+
+def cpu_model() -> str:
+    """e.g. 'AMD EPYC (family 23 model 1)': the model name and, on x86, its family/model."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break                                   # the first CPU is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
+
+
+def blas_name() -> str:
+    """e.g. 'scipy-openblas 0.3.29' (NumPy's build record; no threadpoolctl at run time)."""
+    try:
+        blas = np.__config__.CONFIG["Build Dependencies"]["blas"]
+        return f"{blas.get('name', '?')} {blas.get('version', '?')}"
+    except Exception:
+        return "unknown BLAS"
+
+
+def machine_key() -> str:
+    import llvmlite.binding as llvm
+    import numba
+    return " | ".join([cpu_model(), f"llvm target {llvm.get_host_cpu_name()}",
+                       f"numpy {np.__version__}", f"numba {numba.__version__}", blas_name(),
+                       f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')}"])
+
+
+def decision_file() -> str:
+    root = os.environ.get("RANDYGPT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "randygpt")
+    return os.path.join(root, "kernels.json")
+
+
+def _threads():
+    import numba
+
+    from ...blas import get_blas_threads
+    return numba.get_num_threads(), get_blas_threads()
+
+
+def _best_times(fns, repeats=REPEATS):
+    """The fastest of `repeats` calls of each function, calls interleaved (a, b, a, b, ...) so
+    that a burst of load from other processes falls on both candidates alike."""
+    for fn in fns:
+        fn()                                            # warm-up (and compilation)
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best
+
+
+class KernelChoice:
+    """The fused backend's kernel decisions: `kernel(kind, a, b, out)` -> "blas" or "own".
+    `ran`: the kernel each timed product shape ran in this process (for benchmarks); forced
+    choices and small products are not recorded (they cost nothing to decide)."""
+
+    def __init__(self, mode: str | None = None, path: str | None = None, timer=_best_times):
+        self.mode = mode_from_environment() if mode is None else mode
+        if self.mode not in MODES:
+            from ...errors import UserError
+            raise UserError(f"kernel choice {self.mode!r} is not one of {', '.join(MODES)}",
+                            "backend")
+        self.path = decision_file() if path is None else path
+        self.timer = timer
+        self.decisions: dict[str, dict] = {}           # shape key -> {"kernel", times}
+        self.ran: dict[str, str] = {}                   # shape key -> kernel, this process
+        self._loaded = False
+        self._own_works = None
+        self._lock = threading.Lock()
+
+    def __repr__(self):
+        return f"KernelChoice(mode={self.mode!r})"
+
+    # ---- the decision ---------------------------------------------------------------------
+    def kernel(self, kind, a, b, out) -> str:
+        if out.dtype != np.float32:
+            return "blas"
+        M, K = a.shape
+        N = b.shape[1]
+        if self.mode != "auto" or 2 * M * K * N < SMALL_FLOPS:
+            return "own" if self.mode == "own" else "blas"
+        key = f"{kind} {M}x{K}x{N} threads {'/'.join(map(str, _threads()))}"
+        decision = self.decisions.get(key)
+        if decision is None:
+            with self._lock:
+                self._load()
+                decision = self.decisions.get(key) or self._measure(key, kind, a, b, out)
+        self.ran[key] = decision["kernel"]
+        return decision["kernel"]
+
+    def _measure(self, key, kind, a, b, out):
+        from . import sgemm
+        blas = lambda: np.matmul(a, b, out=out)                               # noqa: E731
+        own_fn = sgemm.sgemm if kind == "rows" else sgemm.sgemm_deep
+        own = lambda: own_fn(a, b, out)                                       # noqa: E731
+        if self.own_works():
+            t_blas, t_own = self.timer([blas, own])
+        else:
+            t_blas, t_own = self.timer([blas])[0], float("inf")
+        winner = "own" if t_own <= (1 - MARGIN) * t_blas else "blas"
+        decision = {"kernel": winner, "blas_s": t_blas,
+                    "own_s": None if t_own == float("inf") else t_own}
+        self.decisions[key] = decision
+        self._save(key, decision)
+        return decision
+
+    def own_works(self) -> bool:
+        """Whether the own kernels compile and give the right answer on this machine."""
+        if self._own_works is None:
+            try:
+                from . import sgemm
+                a = np.array([[1, 2], [3, 4]], np.float32)
+                ok = (sgemm.sgemm(a, a) == a @ a).all() and \
+                    (sgemm.sgemm_deep(a, a, np.empty((2, 2), np.float32)) == a @ a).all()
+                self._own_works = bool(ok)
+            except Exception:
+                self._own_works = False
+        return self._own_works
+
+    # ---- on disk: {machine key: {shape key: decision}} -------------------------------------
+    def _read(self) -> dict:
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):                  # none yet, or unreadable: measure
+            return {}
+
+    def _load(self):
+        if not self._loaded:
+            self._loaded = True
+            mine = self._read().get(machine_key(), {})
+            self.decisions.update({k: v for k, v in mine.items()
+                                   if isinstance(v, dict) and v.get("kernel") in ("blas", "own")})
+
+    def _save(self, key, decision):
+        # read-merge-replace: another process's decisions survive; a lost race only means a
+        # shape is measured again. An unwritable cache keeps decisions in memory.
+        try:
+            data = self._read()
+            data.setdefault(machine_key(), {})[key] = decision
+            folder = os.path.dirname(self.path)
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".kernels.", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+    def summary(self) -> list[str]:
+        """One line per product shape this process ran: which kernel, and the timings."""
+        lines = []
+        for key, kernel in sorted(self.ran.items()):
+            d = self.decisions.get(key, {})
+            times = "" if not d else f"  (OpenBLAS {d['blas_s'] * 1e3:.3f} ms, own " + (
+                "n/a" if d.get("own_s") is None else f"{d['own_s'] * 1e3:.3f} ms") + ")"
+            lines.append(f"{key}: {kernel}{times}")
+        return lines

@@ -1,0 +1,249 @@
+"""One compiled decode step, traced from the model's own block description.
+
+Decoding one token per stream runs ~70 ops on arrays of one row per stream; as NumPy calls
+their overhead, not the ~2.4 MFLOP of arithmetic, is the cost. So the fused backend turns
+the step into one numba call. It does not restate the architecture: `trace(model)` runs
+GPT.block_forward and GPT.head_forward themselves with symbolic activations in place of
+arrays and a recorder in place of the ops, which yields the program the description
+implies, e.g. for each block
+
+    NORM x -> a (ln1.g) ; MATMUL a -> b (attn.qkv) ; ATTEND b -> c (layer i) ;
+    MATMUL c -> d (attn.proj) ; ADD x, d -> e ; NORM e -> f ; MATMUL f -> g ; ACT g -> h ; ...
+
+and `_run` executes it over a buffer of slots (one row per stream). A description that
+uses an op the recorder has no kernel for (a new norm, an activation, dropout at decode)
+yields no program, and decode runs op by op as before, correct and slower. Products run in
+register blocks of 4 streams x 32 outputs, summing k in order whatever the block (so a
+stream's logits are bit-identical alone or batched with others); attention is
+the reference kv_attention_forward's math for each (stream, head), reading and writing the
+model's KVCache. Tested against the op-by-op decode and full forward passes
+(tests/test_generate.py).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import numba
+import numpy as np
+from numba import njit
+
+from .jit import FASTMATH, stack_block
+
+NORM, MATMUL, ACT, ADD, ATTEND = range(5)
+_FIELDS = 8            # opcode, in a, in b, out, parameter offset, width in, width out, layer
+_COLS = 32             # a product's register block: 4 rows (streams) x 32 outputs
+_block = stack_block(4 * _COLS)
+
+
+class Untraceable(Exception):
+    """The description uses something the compiled step has no kernel for."""
+
+
+class _Activation:
+    """A symbolic (S, width) activation: one slot of the step's buffer."""
+    def __init__(self, slot, width):
+        self.slot, self.width = slot, width
+
+
+class _Recorder:
+    """Stands in for a backend's ops while block_forward runs: records, computes nothing."""
+
+    def __init__(self, flat):
+        self.flat, self.program, self.widths, self.eps = flat, [], [], None
+
+    def new(self, width):
+        self.widths.append(width)
+        return _Activation(len(self.widths) - 1, width)
+
+    def offset(self, param):
+        # where a parameter view starts in the model's flat buffer
+        start = (param.__array_interface__["data"][0]
+                 - self.flat.__array_interface__["data"][0]) // self.flat.itemsize
+        if not (param.flags.c_contiguous and 0 <= start < self.flat.size):
+            raise Untraceable("a parameter outside the flat buffer")
+        return int(start)
+
+    def emit(self, op, a, b, width_out, param=-1, layer=-1):
+        out = self.new(width_out)
+        self.program.append((op, a.slot, -1 if b is None else b.slot, out.slot, param,
+                             a.width, width_out, layer))
+        return out, None
+
+    def rmsnorm_forward(self, x, g, eps):
+        if self.eps not in (None, eps):
+            raise Untraceable("norms with different eps")
+        self.eps = eps
+        return self.emit(NORM, x, None, x.width, self.offset(g))
+
+    def linear_forward(self, x, w):
+        if w.shape[0] != x.width:
+            raise Untraceable("a product of mismatched width")
+        return self.emit(MATMUL, x, None, w.shape[1], self.offset(w))
+
+    def squared_relu_forward(self, x):
+        return self.emit(ACT, x, None, x.width)
+
+    def residual_dropout_forward(self, x, fx, p, rng):
+        if p:
+            raise Untraceable("dropout at decode")
+        return self.emit(ADD, x, fx, x.width)
+
+    def __getattr__(self, name):
+        raise Untraceable(name)
+
+
+class _RecordedAttention:
+    def attend(self, ops, layer, qkv):
+        return ops.emit(ATTEND, qkv, None, qkv.width // 3, layer=layer)[0]
+
+
+class DecodeStep:
+    """`step(flat, tokens, positions, streams, cache)` -> logits (S, V): GPT.decode's math."""
+
+    def __init__(self, program, widths, eps, wte, wpe, out_slot, n_head):
+        self.program = np.asarray(program, dtype=np.int64).reshape(-1, _FIELDS)
+        self.offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+        self.eps, self.wte, self.wpe, self.out_slot, self.n_head = eps, wte, wpe, out_slot, n_head
+        self._buffers = {}
+
+    def __call__(self, flat, tokens, positions, streams, cache):
+        S = len(tokens)
+        key = (S, flat.dtype)
+        if key not in self._buffers:        # one buffer per batch size, reused step to step
+            self._buffers[key] = np.empty((S, int(self.offsets[-1])), dtype=flat.dtype)
+        buf = self._buffers[key]
+        _run(self.program, self.offsets, buf, flat, self.wte, self.wpe,
+             np.asarray(tokens, np.int64), np.asarray(positions, np.int64),
+             np.asarray(streams, np.int64), cache.k, cache.v, self.n_head,
+             flat.dtype.type(self.eps))
+        a, b = self.offsets[self.out_slot], self.offsets[self.out_slot + 1]
+        return buf[:, a:b].copy()                                             # (S, V)
+
+
+def trace(model) -> DecodeStep | None:
+    """The compiled decode step of `model`'s description, or None where it has no kernel."""
+    from ...model import GPT
+    rec = _Recorder(model.params.flat)
+    proxy = copy.copy(model)
+    proxy.ops = rec
+    try:
+        x = rec.new(model.cfg.n_embd)                       # slot 0: wte[token] + wpe[pos]
+        for i in range(model.cfg.n_layer):
+            x, _ = GPT.block_forward(proxy, x, i, kv=_RecordedAttention())
+        logits = GPT.head_forward(proxy, x)
+    except Untraceable:
+        return None
+    return DecodeStep(rec.program, rec.widths, rec.eps if rec.eps is not None else 0.0,
+                      rec.offset(model.params["wte"]), rec.offset(model.params["wpe"]),
+                      logits.slot, model.cfg.n_head)
+
+
+@njit(inline="always")
+def _zero(acc):
+    for r in range(4):
+        for j in range(_COLS):
+            acc[r, j] = 0
+
+
+@njit(fastmath={"contract"}, error_model="numpy")
+def _product_block(buf, s0, nr, a0, o0, W, j0, nc):
+    """buf[s0 + r, o0 + j0 + j] = sum_k buf[s0 + r, a0 + k] * W[k, j0 + j], r < nr (4 or 1),
+    j < nc: a block of sums held in registers while k runs in order 0, 1, ... (the same
+    order for any nr, so a stream's logits do not depend on how many streams share a step)."""
+    acc = numba.carray(_block(buf.dtype), (4, _COLS))
+    _zero(acc)
+    K = W.shape[0]
+    if nc == _COLS:
+        if nr == 4:                                         # constant trip counts unroll
+            for k in range(K):
+                w_row = W[k, j0:j0 + _COLS]
+                for r in range(4):
+                    x = buf[s0 + r, a0 + k]
+                    for j in range(_COLS):
+                        acc[r, j] += x * w_row[j]
+        else:
+            for k in range(K):
+                w_row = W[k, j0:j0 + _COLS]
+                x = buf[s0, a0 + k]
+                for j in range(_COLS):
+                    acc[0, j] += x * w_row[j]
+    else:
+        for k in range(K):
+            for r in range(nr):
+                x = buf[s0 + r, a0 + k]
+                for j in range(nc):
+                    acc[r, j] += x * W[k, j0 + j]
+    for r in range(nr):
+        for j in range(nc):
+            buf[s0 + r, o0 + j0 + j] = acc[r, j]
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _run(program, offsets, buf, flat, wte, wpe, tokens, positions, streams, kc, vc, n_head,
+         eps):
+    S = buf.shape[0]
+    C = offsets[1]
+    zero = eps - eps                                        # 0 in the model's dtype
+    for s in range(S):                                      # the embedding
+        t, p = tokens[s], positions[s]
+        for c in range(C):
+            buf[s, c] = flat[wte + t * C + c] + flat[wpe + p * C + c]
+    for n in range(program.shape[0]):
+        op, a, b, o, w, d_in, d_out, layer = program[n]
+        a0, o0 = offsets[a], offsets[o]
+        if op == NORM:
+            for s in range(S):
+                ss = zero
+                for c in range(d_in):
+                    ss += buf[s, a0 + c] * buf[s, a0 + c]
+                r = 1 / math.sqrt(ss / d_in + eps)
+                for c in range(d_in):
+                    buf[s, o0 + c] = buf[s, a0 + c] * r * flat[w + c]
+        elif op == MATMUL:
+            W = flat[w:w + d_in * d_out].reshape(d_in, d_out)
+            s0 = 0
+            while s0 < S:                   # blocks of 4 rows (one row at the end)
+                nr = 4 if S - s0 >= 4 else 1
+                for j0 in range(0, d_out, _COLS):
+                    _product_block(buf, s0, nr, a0, o0, W, j0, min(_COLS, d_out - j0))
+                s0 += nr
+        elif op == ACT:
+            for s in range(S):
+                for c in range(d_in):
+                    r = max(buf[s, a0 + c], zero)
+                    buf[s, o0 + c] = r * r
+        elif op == ADD:
+            b0 = offsets[b]
+            for s in range(S):
+                for c in range(d_in):
+                    buf[s, o0 + c] = buf[s, a0 + c] + buf[s, b0 + c]
+        else:                                               # ATTEND over the KV cache
+            Cq = d_out
+            hs = Cq // n_head
+            scale = 1 / math.sqrt(hs)
+            scores = np.empty(kc.shape[3], dtype=buf.dtype)
+            for s in range(S):
+                st, p = streams[s], positions[s]
+                for h in range(n_head):
+                    q0, k0, v0 = a0 + h * hs, a0 + Cq + h * hs, a0 + 2 * Cq + h * hs
+                    for d in range(hs):
+                        kc[layer, st, h, p, d] = buf[s, k0 + d]
+                        vc[layer, st, h, p, d] = buf[s, v0 + d]
+                    top = -np.inf
+                    for t in range(p + 1):
+                        dot = zero
+                        for d in range(hs):
+                            dot += buf[s, q0 + d] * kc[layer, st, h, t, d]
+                        scores[t] = dot * scale
+                        top = max(top, scores[t])
+                    total = zero
+                    for t in range(p + 1):
+                        scores[t] = math.exp(scores[t] - top)
+                        total += scores[t]
+                    for d in range(hs):
+                        buf[s, o0 + h * hs + d] = 0
+                    for t in range(p + 1):
+                        wt = scores[t] / total
+                        for d in range(hs):
+                            buf[s, o0 + h * hs + d] += wt * vc[layer, st, h, t, d]
