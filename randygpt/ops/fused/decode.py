@@ -84,7 +84,7 @@ class _Recorder:
     def squared_relu_forward(self, x):
         return self.emit(ACT, x, None, x.width)
 
-    def residual_dropout_forward(self, x, fx, p, rng):
+    def residual_dropout_forward(self, x, fx, p, rng, row0=0):
         if p:
             raise Untraceable("dropout at decode")
         return self.emit(ADD, x, fx, x.width)
