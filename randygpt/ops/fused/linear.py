@@ -1,4 +1,4 @@
-"""Linear (no bias): the reference's math on 2-D views. NumPy's matmul of a (B, T, IN) array
+"""Linear, without and with a bias: the reference's math on 2-D views. NumPy's matmul of a (B, T, IN) array
 runs one small sgemm per batch item; one (B*T, IN) @ (IN, OUT) product is 1.5-2x faster.
 With the backend's own_sgemm option (by default on CPUs with AVX-512) the float32 products
 run on our own sgemm (fused/sgemm.py) wherever it beats OpenBLAS; elsewhere, and in float64,
@@ -37,3 +37,16 @@ def linear_backward(dout, cache, *, empty=np.empty, own_sgemm=False):
     d2, x2 = rows(dout), rows(x)
     return (_matmul(d2, w.T, empty, own_sgemm).reshape(x.shape),
             _weight_gradient(x2, d2, empty, own_sgemm))
+
+
+def linear_bias_forward(x, w, b, *, empty=np.empty, own_sgemm=False):
+    # x (..., IN), w (IN, OUT), b (OUT,) -> out (..., OUT): the product, then b added in place
+    out, cache = linear_forward(x, w, empty=empty, own_sgemm=own_sgemm)
+    out += b
+    return out, cache
+
+
+def linear_bias_backward(dout, cache, *, empty=np.empty, own_sgemm=False):
+    # as linear; db = the sum of dout over all positions
+    dx, dw = linear_backward(dout, cache, empty=empty, own_sgemm=own_sgemm)
+    return dx, dw, rows(dout).sum(axis=0)
