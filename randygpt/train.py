@@ -29,6 +29,7 @@ from .checkpoint import (BEST, LATEST, CheckpointMeta, DataInfo, encode_checkpoi
 from .data import (Split, bits_per_char, get_batch, load_documents, split_documents,
                    split_text)
 from .errors import UserError
+from .memory import check_fits, training_memory
 from .model import GPT
 from .ops.contract import get_backend
 from .optim import lr_at
@@ -116,6 +117,9 @@ def prepare(plan: RunPlan, backend="fused", progress: bool | None = None,
                     documents=docs.n_docs, train_tokens=len(split.train),
                     val_tokens=len(split.val))
 
+    estimate = training_memory(mcfg, tcfg.batch_size, getattr(backend, "name", backend))
+    log(f"memory: about {estimate.describe()}")
+    check_fits(estimate)                 # before allocating: refuse a run that cannot fit
     init_rng, batch_rng, dropout_rng = rng_streams(tcfg.seed)
     backend = get_backend(backend)       # numba loads only for the fused backend
     model = GPT(mcfg, seed=None, backend=backend)
