@@ -126,8 +126,9 @@ def prepare(plan: RunPlan, backend="fused", progress: bool | None = None,
     model.init_weights(init_rng)
     run = PreparedRun(plan, tokenizer, split, data, model, make_optimizer(model, tcfg, backend),
                       batch_rng, dropout_rng)
-    if origin is not None:
-        model.params.flat[...] = origin.model.params.flat
+    if origin is not None:               # a fine-tune with a shorter block: wpe's first rows
+        for name in model.params.names():
+            model.params[name][...] = origin.model.params[name][:len(model.params[name])]
     if plan.resume is not None:
         meta = plan.resume.meta
         restore_optimizer(run.optimizer, plan.resume.optimizer_state)

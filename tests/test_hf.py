@@ -4,6 +4,7 @@ here (skipped without it): logits, greedy generation, gradients, round trips."""
 import json
 import os
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -72,14 +73,18 @@ def test_import_writes_an_ordinary_checkpoint_that_generate_eval_and_fine_tune_a
     assert np.isfinite(before) and before > 0
     run = tmp_path / "ft"
     assert cli.main(["train", "--fine-tune", out, "--data", str(data), "--out", str(run),
-                     "--iters", "6", "--batch", "4", "--warmup", "0", "--eval-interval", "6",
-                     "--eval-iters", "1", "--sample-tokens", "0", "--no-progress"]) == 0
+                     "--iters", "6", "--batch", "4", "--block", "16", "--warmup", "0",
+                     "--eval-interval", "6", "--eval-iters", "1", "--sample-tokens", "0",
+                     "--no-progress"]) == 0
     tuned_path = str(run / "checkpoint.safetensors")
-    tuned = load_checkpoint(tuned_path)
-    assert tuned.model_config == ckpt.model_config and tuned.tokenizer.kind == "gpt2"
+    tuned = load_checkpoint(tuned_path)              # a shorter context: wpe's first 16 rows
+    assert tuned.model_config == replace(ckpt.model_config, block_size=16)
+    assert tuned.tokenizer.kind == "gpt2" and tuned.model.params["wpe"].shape == (16, 16)
     capsys.readouterr()
     assert cli.main(["eval", "--checkpoint", tuned_path, "--data", str(data), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["loss"] < before     # it learned the text
+    assert cli.main(["train", "--fine-tune", out, "--data", str(data), "--block", "64"]) == 2
+    assert "--block 64 is longer than the checkpoint's 32 positions" in capsys.readouterr().err
     # a second import to the same path is refused (existing work is kept) unless --force
     assert cli.main(["import-hf", FIXTURE, out]) == 2
     assert "--force" in capsys.readouterr().err
