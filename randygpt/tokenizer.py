@@ -115,9 +115,11 @@ class BPETokenizer:
         self.bos_id = self._tok.token_to_id(self.bos_token)
         self.eos_id = self._tok.token_to_id(self.eos_token)
         if self.bos_id is None or self.eos_id is None:
-            raise UserError(f"the stored {self.kind} tokenizer has no {self.bos_token} / "
-                            f"{self.eos_token} tokens; it was not made by randyGPT: train a new "
-                            "one with {field}", "bpe")
+            if self.kind == "gpt2":
+                raise UserError(f"the tokenizer has no {GPT2_EOT} token: it is not GPT-2's "
+                                "tokenizer; use the tokenizer files that came with the model")
+            raise UserError(f"the stored BPE tokenizer has no {BOS_TOKEN} / {EOS_TOKEN} tokens; "
+                            "it was not made by randyGPT: train a new one with {field}", "bpe")
 
     @classmethod
     def train(cls, texts, vocab_size: int = DEFAULT_BPE_VOCAB) -> "BPETokenizer":

@@ -53,6 +53,9 @@ def test_fixture_tokenizer_from_vocab_and_merges():
     assert tok.encode("<|endoftext|>").tolist() != [tok.eos_id]     # plain text in a document
     again = tokenizer_from_dict(json.loads(json.dumps(tok.to_dict())))
     assert isinstance(again, GPT2Tokenizer) and again.bos_id == tok.bos_id
+    from randygpt.tokenizer import BPETokenizer
+    with pytest.raises(UserError, match="no <\\|endoftext\\|> token"):   # randyGPT's own BPE
+        GPT2Tokenizer(BPETokenizer.train(TEXT, 300).hf_json)
 
 
 def test_import_writes_an_ordinary_checkpoint_that_generate_eval_and_fine_tune_accept(
