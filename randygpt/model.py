@@ -168,9 +168,11 @@ class GPT:
 
     def lm_head_backward(self, dlogits, cache):
         # tied: wte's gradient is this use's (dW^T) plus the embedding's, added by backward()
-        dxf, dw = self.ops.linear_backward(dlogits, cache)
-        self.grads["wte" if self.cfg.tied_head else "lm_head"][...] = \
-            dw.T if self.cfg.tied_head else dw
+        dxf, dw = self.ops.linear_backward(dlogits, cache)                     # dw (C, V)
+        if self.cfg.tied_head:
+            self.grads["wte"][...] = dw.T
+        else:
+            self.grads["lm_head"][...] = dw
         return dxf
 
     def act_forward(self, x):
