@@ -76,8 +76,8 @@ def worker_randygpt(B, T, steps):
         times.append(time.perf_counter() - t0)
     from dataclasses import replace
     est = training_memory(replace(cfg, block_size=T), B)     # windows of T positions
-    return dict(step_s=times[1:], peak_mb=rss_mb("VmHWM") - before, estimate_mb=est.total / 2**20,
-                estimate=est.describe())
+    return dict(step_s=times[1:], peak_mb=rss_mb("VmHWM") - before,
+                estimate_mb=est.total / 2**20, estimate=est.describe())
 
 
 def worker_torch(B, T, steps):
@@ -165,10 +165,10 @@ def main():
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), "unknown CPU")
     print(f"CPU: {cpu}, {os.cpu_count()} cores; load average at start: "
-          f"{os.getloadavg()[0]:.2f} (other processes may be running)")
+          f"{os.getloadavg()[0]:.2f} (other processes may be running)", flush=True)
     tokens = a.batch * a.block
     print(f"GPT-2 124M shape, random weights; training on {a.batch} x {a.block} = {tokens} "
-          f"tokens per step, {a.steps} timed steps per round, {a.rounds} rounds")
+          f"tokens per step, {a.steps} timed steps per round, {a.rounds} rounds", flush=True)
     results = {"randygpt": [], "torch": []}
     for r in range(a.rounds):
         order = ["randygpt", "torch"] if r % 2 == 0 else ["torch", "randygpt"]
@@ -181,6 +181,9 @@ def main():
                 except ImportError:
                     continue
             results[kind].append(spawn(kind, a.batch, a.block, a.steps))
+            steps = ", ".join(f"{t:.2f}" for t in results[kind][-1]["step_s"])
+            print(f"  round {r + 1} {kind}: steps {steps} s (load {os.getloadavg()[0]:.1f})",
+                  flush=True)
     speed = {}
     for kind, runs in results.items():
         if runs:
@@ -190,9 +193,10 @@ def main():
     if len(speed) == 2:
         print(f"  randyGPT / PyTorch: {speed['randygpt'] / speed['torch']:.2f}x")
     mem = results["randygpt"][0]
-    print(f"  memory: estimate {mem['estimate_mb']:.0f} MiB, measured peak {mem['peak_mb']:.0f}"
-          f" MiB above the process before allocating (ratio {mem['estimate_mb'] / mem['peak_mb']:.2f})"
-          f"; estimate {mem['estimate']}")
+    ratio = mem["estimate_mb"] / mem["peak_mb"]
+    print(f"  memory: estimate {mem['estimate_mb']:.0f} MiB, measured peak {mem['peak_mb']:.0f} "
+          f"MiB above the process before allocating (estimate / peak {ratio:.2f}); estimate "
+          f"{mem['estimate']}")
     g = spawn("generate", a.gen_tokens)
     line = (f"generation (KV cache, 16-token prompt, {a.gen_tokens} new tokens): randyGPT "
             f"{g['decode_tok_s']:.1f} tokens/s (prefill {g['prefill_s']:.2f} s)")

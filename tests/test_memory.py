@@ -23,6 +23,7 @@ def test_parts_of_the_gpt2_estimate():
     # everything but the per-parameter part grows with the batch
     assert two.total - est.total == est.total - training_memory(GPT2_124M, 0).total
     assert training_memory(GPT2_124M, 8, "reference").total > est.total
+    assert est.parts["runtime"] == 256 << 20
     assert "GiB" in est.describe() and est.describe().count("+") == len(est.parts) - 1
 
 
