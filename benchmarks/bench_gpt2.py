@@ -16,8 +16,8 @@ The randyGPT worker also reports its peak resident memory above what it held bef
 model was allocated, next to randygpt/memory.py's estimate for the same run.
 
 Generation: randyGPT's prefill of a 16-token prompt and then one token at a time through the
-KV cache (the `randygpt generate` path, greedy), and, when transformers is installed, its
-GPT2LMHeadModel.generate (use_cache) on the same shape as a peer.
+KV cache (the `randygpt generate` path, greedy, one BLAS thread as there), and, when
+transformers is installed, its GPT2LMHeadModel.generate (use_cache) on the same shape.
 """
 from __future__ import annotations
 
@@ -107,8 +107,10 @@ def worker_torch(B, T, steps):
 
 def worker_generate(n_tokens):
     import numpy as np
+    from randygpt.blas import set_blas_threads
     from randygpt.config import ModelConfig
     from randygpt.model import GPT, KVCache
+    set_blas_threads(1)       # as `randygpt generate` does: one vector at a time (blas.py)
     model = GPT(ModelConfig(**SHAPE), seed=0, backend="fused")
     prompt = np.random.default_rng(3).integers(0, SHAPE["vocab_size"], 16)
     out = {}
