@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_and_eval(sub)
     _add_info(sub)
     _add_export_tokenizer(sub)
+    _add_hf(sub)
     return parser
 
 
@@ -226,6 +227,40 @@ def cmd_export_tokenizer(args) -> int:
     export_tokenizer_json(tok, out)
     print(f"wrote {out}: {tok.kind} tokenizer, {tok.vocab_size} tokens "
           f"(BOS id {tok.bos_id}, EOS id {tok.eos_id})")
+    return 0
+
+
+def _add_hf(sub) -> None:
+    i = sub.add_parser("import-hf", help="a Hugging Face GPT-2 folder -> a checkpoint",
+                       description="Read a local Hugging Face GPT-2 folder (config.json, "
+                       "model.safetensors, tokenizer.json or vocab.json + merges.txt) and write "
+                       "it as a randyGPT checkpoint for generate, eval and train --fine-tune.")
+    i.add_argument("dir", metavar="DIR", help="the folder (nothing is downloaded)")
+    i.add_argument("out", metavar="OUT.safetensors", help="checkpoint file to write")
+    i.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    x = sub.add_parser("export-hf", help="a GPT-2-variant checkpoint -> a Hugging Face folder",
+                       description="Write a GPT-2-variant checkpoint as a folder that "
+                       "transformers' GPT2LMHeadModel.from_pretrained and "
+                       "AutoTokenizer.from_pretrained load.")
+    x.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file (or a run directory)")
+    x.add_argument("dir", metavar="DIR", help="folder to write (new or empty)")
+    x.add_argument("--force", action="store_true", help="write into DIR even if not empty")
+
+
+def cmd_import_hf(args) -> int:
+    from .hf import import_hf
+    model, tok = import_hf(args.dir, args.out, force=args.force)
+    c = model.cfg
+    print(f"wrote {args.out}: GPT-2, {c.n_layer} layers, {c.n_embd} dim, {c.n_head} heads, "
+          f"{c.block_size} positions, {model.num_params:,} parameters; {tok.kind} tokenizer, "
+          f"{tok.vocab_size} tokens")
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    from .hf import export_hf
+    export_hf(args.checkpoint, args.dir, force=args.force)
+    print(f"wrote {args.dir}: config.json, model.safetensors and the tokenizer's files")
     return 0
 
 
@@ -435,7 +470,8 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     handlers = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "info": cmd_info,
-                "export-tokenizer": cmd_export_tokenizer}
+                "export-tokenizer": cmd_export_tokenizer, "import-hf": cmd_import_hf,
+                "export-hf": cmd_export_hf}
     try:
         return handlers[args.command](args)
     except UserError as e:

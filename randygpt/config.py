@@ -3,7 +3,8 @@
 The fields made with `setting()` are the flags of `randygpt train` (the CLI builds them from
 this metadata: name, help, default); a preset fills in the model shape and the batch geometry,
 and any flag given explicitly overrides it. The architecture's description (norm, activation,
-biases, tied head) is data, not flags: only today's values exist.
+biases, tied head) is data, not flags: randyGPT's own (RMSNorm, squared ReLU, no biases,
+a separate head) and GPT-2's (LayerNorm, GELU, biases, tied head; randygpt/hf.py imports it).
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from .errors import UserError
 
 
 # The architecture's variable parts, as data: the model composes ops by these names, and the
-# ops contract (ops/contract.py) provides each. Only today's values exist; another norm or
-# activation is a new op pair plus a name here.
-NORMS = ("rmsnorm",)
-ACTIVATIONS = ("squared_relu",)
+# ops contract (ops/contract.py) provides each; another norm or activation is a new op pair
+# plus a name here. "layernorm" and "gelu" (tanh approximation) are GPT-2's.
+NORMS = ("rmsnorm", "layernorm")
+ACTIVATIONS = ("squared_relu", "gelu")
 
 
 def setting(default, help: str, *, flag: str | None = None, preset: bool = False,
@@ -54,11 +55,11 @@ class ModelConfig(_Config):
     n_head: int = setting(8, "attention heads (must divide the width)", flag="heads",
                           preset=True, positive=True)
     dropout: float = setting(0.1, "dropout probability")
-    # the architecture's description: not flags yet, since only today's values exist
+    # the architecture's description: data, not flags (GPT-2's comes from its config.json)
     norm: str = "rmsnorm"             # the norm before attention, MLP and the LM head
     norm_eps: float = 1e-5
-    activation: str = "squared_relu"  # the MLP's nonlinearity: relu(x)^2
-    bias: bool = False                # biases on the linear layers
+    activation: str = "squared_relu"  # the MLP's nonlinearity: relu(x)^2, or "gelu"
+    bias: bool = False                # biases on the four linear layers of each block
     tied_head: bool = False           # LM head = wte^T (no separate lm_head matrix)
 
     def validate(self, need_vocab: bool = True) -> None:
@@ -79,9 +80,9 @@ class ModelConfig(_Config):
                             f"{', '.join(ACTIVATIONS)}", "activation")
         if not (self.norm_eps > 0 and math.isfinite(self.norm_eps)):
             raise UserError(f"{{field}} {self.norm_eps} must be a positive number", "norm_eps")
-        if self.bias or self.tied_head:
-            raise UserError("biases and a tied LM head are not implemented yet", "bias"
-                            if self.bias else "tied_head")
+        for name in ("bias", "tied_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{{field}} {getattr(self, name)!r} must be true or false", name)
 
 
 @dataclass

@@ -229,6 +229,8 @@ def _read_cache(path: str, texts: list[str], tokenizer) -> Documents | None:
         return None
     starts = np.flatnonzero(tokens == tokenizer.bos_id)
     ends = np.flatnonzero(tokens == tokenizer.eos_id)
+    if tokenizer.bos_id == tokenizer.eos_id:    # GPT-2: <|endoftext|> opens and closes
+        starts, ends = starts[0::2], starts[1::2]
     # encode never emits BOS/EOS, so they mark exactly the documents' edges
     if (len(starts) != len(texts) or len(ends) != len(texts) or starts[0] != 0
             or not np.array_equal(starts[1:], ends[:-1] + 1) or ends[-1] != len(tokens) - 1

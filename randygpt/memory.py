@@ -1,79 +1,109 @@
-"""How much memory a training run needs, estimated before anything is allocated.
+"""How much memory a training run needs, before it allocates any: estimate, print, refuse.
 
-A step keeps, per layer and per token, what its backward needs (counted from
-model.block_forward: the norms' inputs, qkv and its q/k/v views, y, the MLP's 4C hidden and
-activation, residuals, dropout masks: about 22 C floats) plus one row of attention
-probabilities (H x T floats); attention's forward and backward briefly hold ~3 more (B, H, T, T)
-score arrays for one layer; the head holds logits, probabilities and their gradient
-(3 V floats per token). Parameters, their gradients and AdamW's two moments are 4 floats per
-parameter. tests/test_memory.py checks the estimate against tracemalloc's peak of real steps.
+    training_memory(cfg, batch_size, backend) -> MemoryEstimate   the parts, in bytes
+    available_memory() -> int | None                              what the OS can still give
+    check_fits(estimate, available)                               UserError when it cannot fit
+    fitting_batch(cfg, preferred, budget)                         the largest batch that fits
 
-    estimate = estimate_training_bytes(model_cfg, train_cfg)
-    check_memory(estimate)        # a UserError naming the estimate when it cannot fit
+The estimate counts what one step keeps alive at its peak (end of forward, start of backward),
+per position of a (batch, block) window, from the caches the ops keep (ops/fused/__init__.py
+lists them):
+
+    weights, gradients, AdamW's m and v, its decay mask     5 P
+    each block: norms' caches, qkv (3C), attention out (C),
+      the MLP activation's cache and output (4C each)       ~10-16 C per position
+    the logits and their gradient                           2 V per position (4 on the reference)
+    the head's weight gradient and backward's temporaries   V C + 8 C per position
+    the fused backend's runtime (kernels, pooled blocks)    256 MiB
+
+benchmarks/bench_gpt2.py compares it with the peak resident memory of real GPT-2 steps (at
+124M, 4 x 64 tokens: 2991 MiB measured, 2755 MiB estimated without the runtime part, which
+is sized from that gap).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from .errors import UserError
 
-FLOAT = 4     # float32
+GiB = 1 << 30
+DEFAULT_BUDGET = 24 * GiB   # what a default fine-tune batch aims to fit: a 24 GiB machine
+
+NORM_CACHE = {"rmsnorm": 1, "layernorm": 2}          # (C)-rows each norm keeps (fused ops)
+ACTIVATION_CACHE = {"squared_relu": 4, "gelu": 8}    # (C)-rows: output (4C), + input for GELU
+FUSED_RUNTIME = 256 << 20   # compiled kernels and the buffer pool's free blocks (measured)
 
 
-@dataclass(frozen=True)
+@dataclass
 class MemoryEstimate:
-    activations: int        # bytes kept by one forward for its backward, plus transients
-    parameters: int         # weights and their gradients
-    optimizer: int          # AdamW's m and v
-    data: int = 0           # the text and its tokens
+    parts: dict = field(default_factory=dict)          # name -> bytes
 
     @property
     def total(self) -> int:
-        return self.activations + self.parameters + self.optimizer + self.data
+        return sum(self.parts.values())
 
     def describe(self) -> str:
-        return (f"about {gib(self.total)} (activations {gib(self.activations)}, weights and "
-                f"gradients {gib(self.parameters)}, optimizer {gib(self.optimizer)}"
-                + (f", data {gib(self.data)}" if self.data else "") + ")")
+        items = " + ".join(f"{k} {_gib(v)}" for k, v in self.parts.items())
+        return f"{_gib(self.total)} ({items})"
 
 
-def gib(n: int) -> str:
-    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 28 else f"{n / (1 << 20):.0f} MiB"
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
 
 
-def estimate_training_bytes(mcfg, tcfg, n_params: int | None = None, data_bytes: int = 0,
-                            float_bytes: int = FLOAT) -> MemoryEstimate:
-    """The memory of one training step of batch tcfg.batch_size x mcfg.block_size tokens."""
-    B, T, C = tcfg.batch_size, mcfg.block_size, mcfg.n_embd
-    H, L, V = mcfg.n_head, mcfg.n_layer, mcfg.vocab_size
-    tokens = B * T
-    kept = tokens * (L * (22 * C + H * T) + 3 * V + 4 * C)
-    transient = 3 * B * H * T * T
+def training_memory(cfg, batch_size: int, backend: str = "fused",
+                    dtype=np.float32) -> MemoryEstimate:
+    """Bytes a training run of `cfg` at `batch_size` windows of cfg.block_size will allocate."""
     from .model import count_parameters
-    P = count_parameters(mcfg) if n_params is None else n_params
-    return MemoryEstimate(activations=(kept + transient) * float_bytes,
-                          parameters=2 * P * float_bytes, optimizer=2 * P * float_bytes,
-                          data=data_bytes)
+    item = np.dtype(dtype).itemsize
+    P, C, V, T = count_parameters(cfg), cfg.n_embd, cfg.vocab_size, cfg.block_size
+    N = batch_size * T                                           # positions per step
+    per_block = (2 * NORM_CACHE.get(cfg.norm, 2) + 3 + 1 + ACTIVATION_CACHE.get(
+        cfg.activation, 8)) * C
+    if backend == "reference":     # softmax probabilities; RMSNorm's xhat, relu(x) besides
+        per_block += cfg.n_head * T + C * (2 * (cfg.norm == "rmsnorm")
+                                           + 4 * (cfg.activation == "squared_relu"))
+    logits = (4 if backend == "reference" else 2) * V           # + softmax temporaries
+    parts = {"weights/grads/AdamW": 5 * P * item,
+             "activations": cfg.n_layer * per_block * N * item,
+             "logits": logits * N * item,
+             "backward": (V * C + 8 * C * N) * item}
+    if backend != "reference":
+        parts["runtime"] = FUSED_RUNTIME
+    return MemoryEstimate(parts)
 
 
-def available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (what can be allocated without swapping); None where
-    there is no such file."""
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux: free plus reclaimable), else None (unknown)."""
     try:
-        with open("/proc/meminfo", encoding="ascii") as f:
+        with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
+    except OSError:
+        pass
     return None
 
 
-def check_memory(estimate: MemoryEstimate, available: int | None = None,
-                 field: str = "batch_size") -> None:
-    """Refuse a run whose estimate exceeds the available memory, before it allocates."""
-    available = available_bytes() if available is None else available
+def check_fits(estimate: MemoryEstimate, available: int | None = None) -> None:
+    """Refuse a run whose estimate exceeds the memory available (unknown: allowed)."""
+    available = available_memory() if available is None else available
     if available is not None and estimate.total > available:
-        raise UserError(f"this run needs {estimate.describe()}, but this machine has "
-                        f"{gib(available)} available; lower {{field}} or the block size, or "
-                        "use a smaller model", field)
+        raise UserError(f"this run needs about {estimate.describe()}, but only "
+                        f"{_gib(available)} is available; lower {{field}} (the estimate grows "
+                        "with batch x block) or free memory", "batch_size")
+
+
+def fitting_batch(cfg, preferred: int, budget: int | None = None,
+                  backend: str = "fused") -> int:
+    """The largest batch <= preferred (halving from it) whose estimate fits `budget` (default:
+    the available memory, at most DEFAULT_BUDGET); 1 if none does (check_fits then refuses)."""
+    if budget is None:
+        budget = min(available_memory() or DEFAULT_BUDGET, DEFAULT_BUDGET)
+    batch = preferred
+    while batch > 1 and training_memory(cfg, batch, backend).total > budget:
+        batch //= 2
+    return batch

@@ -3,11 +3,13 @@
     x = wte[idx] + wpe[:T]                                   # (B, T, C)
     for each block:
         x = x + dropout(attn_proj(attention(qkv(norm(x)))))
-        x = x + dropout(mlp_proj(act(fc(norm(x)))))          # act: relu(.)^2 today
-    logits = lm_head(norm(x))                                # (B, T, V)
+        x = x + dropout(mlp_proj(act(fc(norm(x)))))          # act: relu(.)^2 or GELU
+    logits = lm_head(norm(x))                                # (B, T, V); tied: wte^T
 
-The ModelConfig says which norm and activation (by op name) the blocks use; the model
-composes the ops of one backend (ops/contract.py) and knows no arithmetic of its own.
+The ModelConfig says which norm and activation (by op name) the blocks use, whether the four
+linear layers of a block have biases, and whether the LM head is the token embedding's
+transpose (GPT-2); the model composes the ops of one backend (ops/contract.py) and knows no
+arithmetic of its own.
 `block_forward` is the only description of a block: training runs it with dropout and keeps
 its caches for `block_backward` (which calls the backward twins in exactly the reverse
 order); generation runs the same function with a KV cache, over a whole prompt (`prefill`)
@@ -24,7 +26,7 @@ from .config import ModelConfig
 from .ops.contract import get_backend
 from .ops.reference import array_module
 
-NORM_PARAMS = {"rmsnorm": ("g",)}     # a norm's parameters, by name, each of shape (C,)
+NORM_PARAMS = {"rmsnorm": ("g",), "layernorm": ("g", "b")}   # by name, each of shape (C,)
 
 
 def parameter_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
@@ -34,12 +36,16 @@ def parameter_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     def norm(name):
         return [(f"{name}.{k}", (C,)) for k in NORM_PARAMS[cfg.norm]]
 
+    def linear(name, n_in, n_out):       # the weight, then its bias "<name>.b" if any
+        return [(name, (n_in, n_out))] + [(name + ".b", (n_out,))] * cfg.bias
+
     shapes = [("wte", (V, C)), ("wpe", (cfg.block_size, C))]
     for i in range(cfg.n_layer):
         h = f"h.{i}."
-        shapes += [*norm(h + "ln1"), (h + "attn.qkv", (C, 3 * C)), (h + "attn.proj", (C, C)),
-                   *norm(h + "ln2"), (h + "mlp.fc", (C, 4 * C)), (h + "mlp.proj", (4 * C, C))]
-    return shapes + [*norm("ln_f"), ("lm_head", (C, V))]
+        shapes += [*norm(h + "ln1"), *linear(h + "attn.qkv", C, 3 * C),
+                   *linear(h + "attn.proj", C, C), *norm(h + "ln2"),
+                   *linear(h + "mlp.fc", C, 4 * C), *linear(h + "mlp.proj", 4 * C, C)]
+    return shapes + [*norm("ln_f")] + [("lm_head", (C, V))] * (not cfg.tied_head)
 
 
 def count_parameters(cfg: ModelConfig) -> int:
@@ -109,18 +115,20 @@ class GPT:
 
     def init_weights(self, rng) -> None:
         # GPT-2 init: N(0, 0.02) for every matrix, residual output projections scaled by
-        # 1/sqrt(2 n_layer) (two residual adds per block), norm gains 1. Drawn in float64 so a
-        # float32 and a float64 model from the same seed start from the same numbers.
+        # 1/sqrt(2 n_layer) (two residual adds per block), norm gains 1, biases 0. Drawn in
+        # float64 so a float32 and a float64 model from the same seed start from the same numbers.
         resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
         for name, shape in self.params.shapes:
             if name.endswith(".g"):
                 self.params[name][...] = 1.0
+            elif name.endswith(".b"):
+                self.params[name][...] = 0.0
             else:
                 std = resid_std if name.endswith("proj") else 0.02
                 self.params[name][...] = self.xp.asarray(rng.standard_normal(shape) * std)
 
     def decay_mask(self):
-        """1 for tensors that get weight decay (the matrices), 0 for norm gains."""
+        """1 for tensors that get weight decay (the matrices), 0 for norm gains and biases."""
         mask = np.zeros(self.num_params, dtype=self.dtype)
         for name, shape in self.params.shapes:
             if len(shape) == 2:
@@ -143,11 +151,31 @@ class GPT:
         return dx
 
     def linear_forward(self, x, name):
+        if self.cfg.bias:
+            return self.ops.linear_bias_forward(x, self.params[name], self.params[name + ".b"])
         return self.ops.linear_forward(x, self.params[name])
 
     def linear_backward(self, dout, cache, name):
+        if self.cfg.bias:
+            dx, self.grads[name][...], self.grads[name + ".b"][...] = \
+                self.ops.linear_bias_backward(dout, cache)
+            return dx
         dx, self.grads[name][...] = self.ops.linear_backward(dout, cache)
         return dx
+
+    def lm_head_forward(self, xf):
+        # xf (..., C) -> logits (..., V): lm_head, or wte^T when the head is tied (no bias)
+        w = self.params["wte"].T if self.cfg.tied_head else self.params["lm_head"]
+        return self.ops.linear_forward(xf, w)
+
+    def lm_head_backward(self, dlogits, cache):
+        # tied: wte's gradient is this use's (dW^T) plus the embedding's, added by backward()
+        dxf, dw = self.ops.linear_backward(dlogits, cache)                     # dw (C, V)
+        if self.cfg.tied_head:
+            self.grads["wte"][...] = dw.T
+        else:
+            self.grads["lm_head"][...] = dw
+        return dxf
 
     def act_forward(self, x):
         return getattr(self.ops, self.cfg.activation + "_forward")(x)
@@ -223,7 +251,7 @@ class GPT:
             x, cache = self.block_forward(x, i, drop, rng, row0=row0)
             blocks.append(cache)
         xf, lnf = self.norm_forward(x, "ln_f")                                 # (B, T, C)
-        logits, head = self.linear_forward(xf, "lm_head")                      # (B, T, V)
+        logits, head = self.lm_head_forward(xf)                                # (B, T, V)
         if targets is None:
             self._cache = None
             return logits, None
@@ -240,11 +268,15 @@ class GPT:
         emb, blocks, lnf, head, ce = self._cache
         g = self.grads
         dlogits, = self.ops.cross_entropy_backward(dloss, ce)                    # (B, T, V)
-        dxf = self.linear_backward(dlogits, head, "lm_head")
+        dxf = self.lm_head_backward(dlogits, head)
         dx = self.norm_backward(dxf, lnf, "ln_f")
         for i in reversed(range(self.cfg.n_layer)):
             dx = self.block_backward(dx, i, blocks[i])
-        _, g["wte"][...], g["wpe"][...] = self.ops.embedding_backward(dx, emb)
+        _, dwte, g["wpe"][...] = self.ops.embedding_backward(dx, emb)
+        if self.cfg.tied_head:
+            g["wte"][...] += dwte              # wte's second use: the head's gradient is there
+        else:
+            g["wte"][...] = dwte
         self._cache = None
 
     def loss(self, idx, targets) -> float:
@@ -307,7 +339,7 @@ class GPT:
     def head_forward(self, x):
         """x (..., C) -> logits (..., V): the final norm and the LM head."""
         xf, _ = self.norm_forward(x, "ln_f")
-        return self.linear_forward(xf, "lm_head")[0]
+        return self.lm_head_forward(xf)[0]
 
 
 class KVCache:

@@ -5,8 +5,9 @@
     resume     the checkpoint's configuration; a setting that contradicts it is refused (only
                the iteration target may change, and it must lie ahead); the same text and
                documents (the checkpoint remembers where its text was).
-    fine-tune  the checkpoint's weights, tokenizer and model shape (dropout may change), with a
-               fresh optimizer and counter and the training settings chosen now.
+    fine-tune  the checkpoint's weights, tokenizer and model shape (dropout may change, the
+               block may shorten: wpe's first rows), with a fresh optimizer and counter and
+               the training settings chosen now.
 
 A run directory holding a checkpoint is only written by a resume of that checkpoint; the
 default one is runs_dir/<data>-<preset>-<time>, and the token cache sits next to it. The result
@@ -28,6 +29,7 @@ from .checkpoint import (BEST, LATEST, Checkpoint, DataInfo, load_checkpoint,
 from .config import DEFAULT_PRESET, PRESETS, ModelConfig, TrainConfig
 from .data import builtin_sample_text, read_text
 from .errors import UserError
+from .memory import fitting_batch
 
 SHAPE = ("n_layer", "n_embd", "n_head", "block_size")
 # A resume may change the iteration target and the micro-batches per rank (with a different
@@ -123,14 +125,26 @@ def plan_run(*configs, preset: str | None = None, resume=None, fine_tune=None,
 def _fresh(chosen, preset, fine_tune, text, data_path, out_dir, runs_dir) -> RunPlan:
     values = {**PRESETS[preset or DEFAULT_PRESET], **chosen}
     mcfg, tcfg = ModelConfig.from_dict(values), TrainConfig.from_dict(values)
+    notices = []
     if fine_tune is not None:               # the checkpoint's shape; dropout may change
         theirs = fine_tune.model_config
-        _refuse_contradictions(preset, chosen, theirs.to_dict(), SHAPE, fine_tune.path,
+        _refuse_contradictions(preset, chosen, theirs.to_dict(), SHAPE[:3], fine_tune.path,
                                "fine-tuning keeps the checkpoint's model shape: drop the flag")
-        mcfg = replace(theirs, dropout=chosen.get("dropout", theirs.dropout))
+        block = chosen.get("block_size", theirs.block_size)   # shorter: wpe's first rows
+        if block > theirs.block_size:
+            raise UserError(f"{{field}} {block} is longer than the checkpoint's "
+                            f"{theirs.block_size} positions; fine-tuning can shorten the "
+                            "context, not lengthen it", "block_size")
+        mcfg = replace(theirs, dropout=chosen.get("dropout", theirs.dropout), block_size=block)
+        if "batch_size" not in chosen:      # a big model (GPT-2): a default batch that fits
+            batch = fitting_batch(mcfg, tcfg.batch_size)
+            if batch < tcfg.batch_size:
+                tcfg = replace(tcfg, batch_size=batch)
+                notices.append(f"fine-tuning at batch {batch}: the largest default whose memory "
+                               "estimate fits (the available memory, at most 24 GiB); a batch "
+                               "given explicitly is used as given")
     mcfg = replace(mcfg, vocab_size=0)
     mcfg.validate(need_vocab=False)
-    notices = []
     builtin = text is None and data_path is None and not os.path.exists("train.txt")
     if builtin:
         notices.append("no training text given and no train.txt here: training on the built-in "

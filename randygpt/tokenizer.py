@@ -6,6 +6,8 @@
 CharTokenizer: one id per character of the training text. BPETokenizer: byte-level BPE
 trained with the Hugging Face `tokenizers` library; every Unicode string round-trips, since
 any character is a sequence of UTF-8 bytes and all 256 bytes are in the vocabulary.
+GPT2Tokenizer: GPT-2's own byte-level BPE, read from a Hugging Face GPT-2 directory
+(randygpt/hf.py), whose one special token <|endoftext|> is both BOS and EOS.
 `tokenizers` is imported only when a BPE tokenizer is built or loaded, so commands that use
 a char checkpoint start fast.
 """
@@ -21,6 +23,7 @@ from .errors import UserError
 
 MAX_CHAR_VOCAB = 512
 BOS_TOKEN, EOS_TOKEN = "<|bos|>", "<|eos|>"
+GPT2_EOT = "<|endoftext|>"       # GPT-2's document separator: its BOS and its EOS
 DEFAULT_BPE_VOCAB = 1024
 MIN_BPE_VOCAB = 256 + 2          # every byte, plus BOS and EOS
 MAX_TRAIN_WORD = 256             # BPE training cuts runs of non-space characters longer than this
@@ -98,6 +101,7 @@ class BPETokenizer:
     """
 
     kind = "bpe"
+    bos_token, eos_token = BOS_TOKEN, EOS_TOKEN
 
     def __init__(self, hf_json: str):
         tokenizers = _import_tokenizers()
@@ -109,9 +113,12 @@ class BPETokenizer:
         # special tokens in the *text* are plain text: only we put BOS/EOS ids in the stream
         self._tok.encode_special_tokens = True
         self.hf_json = hf_json
-        self.bos_id = self._tok.token_to_id(BOS_TOKEN)
-        self.eos_id = self._tok.token_to_id(EOS_TOKEN)
+        self.bos_id = self._tok.token_to_id(self.bos_token)
+        self.eos_id = self._tok.token_to_id(self.eos_token)
         if self.bos_id is None or self.eos_id is None:
+            if self.kind == "gpt2":
+                raise UserError(f"the tokenizer has no {GPT2_EOT} token: it is not GPT-2's "
+                                "tokenizer; use the tokenizer files that came with the model")
             raise UserError(f"the stored BPE tokenizer has no {BOS_TOKEN} / {EOS_TOKEN} tokens; "
                             "it was not made by randyGPT: train a new one with {field}", "bpe")
 
@@ -175,15 +182,39 @@ class BPETokenizer:
         return self.hf_json
 
 
+class GPT2Tokenizer(BPETokenizer):
+    """GPT-2's byte-level BPE (50257 ids for OpenAI's GPT-2), the same machinery as
+    BPETokenizer; <|endoftext|> opens and closes every document, as GPT-2 was trained."""
+
+    kind = "gpt2"
+    bos_token = eos_token = GPT2_EOT
+
+    @classmethod
+    def from_vocab_and_merges(cls, vocab_path: str, merges_path: str) -> "GPT2Tokenizer":
+        """From a GPT-2 vocab.json and merges.txt: GPT-2's pre-tokenizer (its regex, no
+        prefix space) and byte-level decoder, <|endoftext|> a special token."""
+        tk = _import_tokenizers()
+        try:
+            vocab, merges = tk.models.BPE.read_file(vocab_path, merges_path)
+        except Exception as e:                  # the library raises plain Exceptions
+            raise UserError(f"cannot read {vocab_path} and {merges_path} as a GPT-2 vocabulary "
+                            f"({e}); the download may be incomplete: fetch them again") from None
+        tok = tk.Tokenizer(tk.models.BPE(vocab, merges))
+        tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = tk.decoders.ByteLevel()
+        tok.add_special_tokens([GPT2_EOT])     # already in GPT-2's vocabulary: its id stays
+        return cls(tok.to_str())
+
+
 def tokenizer_from_dict(d: dict):
     kind = d.get("kind") if isinstance(d, dict) else None
     if kind == "char":
         return CharTokenizer(d["chars"])
-    if kind == "bpe":
+    if kind in ("bpe", "gpt2"):
         if not isinstance(d.get("tokenizer_json"), str):
-            raise UserError("the stored BPE tokenizer has no tokenizer_json; the checkpoint is "
-                            "damaged: train it again")
-        return BPETokenizer(d["tokenizer_json"])
+            raise UserError(f"the stored {kind} tokenizer has no tokenizer_json; the checkpoint "
+                            "is damaged: train (or import) it again")
+        return (BPETokenizer if kind == "bpe" else GPT2Tokenizer)(d["tokenizer_json"])
     raise UserError(f"unknown tokenizer kind {kind!r}")
 
 

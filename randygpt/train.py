@@ -36,7 +36,7 @@ from .data import (Split, bits_per_char, get_batch, load_documents, split_docume
 from .distributed import World
 from .errors import UserError
 from .evaluate import evaluate_documents
-from .memory import check_memory, estimate_training_bytes
+from .memory import check_fits, training_memory
 from .model import GPT
 from .ops.contract import get_backend
 from .optim import lr_at
@@ -117,8 +117,12 @@ def prepare(plan: RunPlan, backend="fused", progress: bool | None = None,
         tokenizer = CharTokenizer.from_text(plan.text)
     mcfg, tcfg = replace(plan.model, vocab_size=tokenizer.vocab_size), plan.train
     mcfg.validate()
-    # before any allocation: text, int32 tokens and their int64 batches ~ 16 bytes a character
-    check_memory(estimate_training_bytes(mcfg, tcfg, data_bytes=16 * len(plan.text)))
+    # before any allocation: the step's memory, and the text, its int32 tokens and their int64
+    # batches (~16 bytes a character); a run that cannot fit is refused with the estimate
+    estimate = training_memory(mcfg, tcfg.batch_size, getattr(backend, "name", backend))
+    estimate.parts["data"] = 16 * len(plan.text)
+    log(f"memory: about {estimate.describe()}")
+    check_fits(estimate)
     if origin is not None:
         _check_known_characters(plan.text, tokenizer, "resume" if plan.resume else "fine_tune")
     source = repr(plan.data_path) if plan.data_path else "the text"
@@ -140,8 +144,10 @@ def prepare(plan: RunPlan, backend="fused", progress: bool | None = None,
     model.init_weights(init_rng)
     run = PreparedRun(plan, tokenizer, split, data, model, make_optimizer(model, tcfg, backend),
                       batch_rng, dropout_rng)
-    if origin is not None:
-        model.params.flat[...] = model.xp.asarray(origin.model.params.flat)
+    if origin is not None:               # a fine-tune with a shorter block: wpe's first rows
+        for name in model.params.names():
+            model.params[name][...] = model.xp.asarray(
+                origin.model.params[name][:len(model.params[name])])
     if plan.resume is not None:
         meta = plan.resume.meta
         restore_optimizer(run.optimizer, plan.resume.optimizer_state)

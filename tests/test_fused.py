@@ -242,6 +242,50 @@ def test_squared_relu(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 5, 16), (3, 40, 130)])
+def test_layernorm(dtype, shape):
+    x = normal(*shape, dtype=dtype, scale=3) + 2                     # off-centre rows
+    g, b, dout = normal(shape[-1], dtype=dtype), normal(shape[-1], dtype=dtype), \
+        normal(*shape, dtype=dtype)
+    out, cache = fused.layernorm_forward(x, g, b, EPS)
+    ref_out, ref_cache = reference.layernorm_forward(x, g, b, EPS)
+    close(out, ref_out, dtype)
+    assert out.dtype == dtype and out.shape == shape
+    got = fused.layernorm_backward(dout, cache)
+    want = reference.layernorm_backward(dout, ref_cache)
+    assert len(got) == len(want) == 3
+    for g_, w_ in zip(got, want):
+        close(g_, w_, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu(dtype):
+    x, dout = normal(4, 6, 40, dtype=dtype, scale=3), normal(4, 6, 40, dtype=dtype)
+    out, cache = fused.gelu_forward(x)
+    ref_out, ref_cache = reference.gelu_forward(x)
+    close(out, ref_out, dtype)
+    (dx,), (ref_dx,) = fused.gelu_backward(dout, cache), reference.gelu_backward(dout, ref_cache)
+    close(dx, ref_dx, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transposed", [False, True])    # True: a tied head's wte^T view
+def test_linear_bias(dtype, transposed):
+    x, b, dout = normal(3, 7, 64, dtype=dtype), normal(96, dtype=dtype), \
+        normal(3, 7, 96, dtype=dtype)
+    w = normal(96, 64, dtype=dtype).T if transposed else normal(64, 96, dtype=dtype)
+    out, cache = fused.linear_bias_forward(x, w, b)
+    ref_out, ref_cache = reference.linear_bias_forward(x, w, b)
+    close(out, ref_out, dtype)
+    got = fused.linear_bias_backward(dout, cache)
+    want = reference.linear_bias_backward(dout, ref_cache)
+    assert len(got) == len(want) == 3
+    for g_, w_ in zip(got, want):
+        assert g_.shape == w_.shape
+        close(g_, w_, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_dropout_same_mask_bit_for_bit(dtype):
     # dropout alone is the residual form with x = 0: 0 + f * scale is exact
     x, dout = normal(4, 9, 33, dtype=dtype), normal(4, 9, 33, dtype=dtype)
@@ -375,18 +419,22 @@ def test_fused_adamw_matches_adamw(dtype):
 CFG = dict(vocab_size=9, block_size=6, n_layer=2, n_embd=8, n_head=2, dropout=0.25)
 
 
-def rough_model(dtype, backend, seed=0):
+GPT2 = dict(norm="layernorm", activation="gelu", bias=True, tied_head=True)
+
+
+def rough_model(dtype, backend, seed=0, **variant):
     """Large random weights, as in test_model, so every path carries gradient."""
-    m = GPT(ModelConfig(**CFG), seed=None, dtype=dtype, backend=backend)
+    m = GPT(ModelConfig(**CFG, **variant), seed=None, dtype=dtype, backend=backend)
     rng = np.random.default_rng(seed)
     for name, shape in m.params.shapes:
         m.params[name][...] = (1.0 if name.endswith(".g") else 0.0) + rng.normal(0, 0.5, shape)
     return m
 
 
-def test_whole_model_gradient_through_fast_path_matches_finite_differences():
+@pytest.mark.parametrize("variant", [{}, GPT2], ids=["randygpt", "gpt2"])
+def test_whole_model_gradient_through_fast_path_matches_finite_differences(variant):
     # float64 kernels (exact exp) against float64 central differences, dropout on
-    m = rough_model(np.float64, fused)
+    m = rough_model(np.float64, fused, **variant)
     rng = np.random.default_rng(1)
     x, y = rng.integers(0, 9, (3, 5)), rng.integers(0, 9, (3, 5))
 

@@ -32,6 +32,45 @@ def test_rmsnorm_forward_normalises():
     np.testing.assert_allclose(np.sqrt((out ** 2).mean(-1)), 1.0, rtol=1e-4)
 
 
+def test_layernorm_backward():
+    x, g, b = RNG.normal(size=(2, 3, 5)) * 3 + 1, RNG.normal(size=5), RNG.normal(size=5)
+    w = RNG.normal(size=(2, 3, 5))
+    out, cache = ops.layernorm_forward(x, g, b, 1e-5)
+    dx, dg, db = ops.layernorm_backward(w, cache)
+    check_op(lambda: weighted(ops.layernorm_forward(x, g, b, 1e-5)[0], w), [dx, dg, db],
+             [x, g, b])
+
+
+def test_layernorm_forward_centres_and_normalises():
+    x = RNG.normal(size=(4, 16)) * 7 + 3
+    out, _ = ops.layernorm_forward(x, np.ones(16), np.zeros(16), 1e-5)
+    np.testing.assert_allclose(out.mean(-1), 0.0, atol=1e-12)
+    np.testing.assert_allclose(out.std(-1), 1.0, rtol=1e-4)
+    shifted, _ = ops.layernorm_forward(x, np.full(16, 2.0), np.full(16, 0.5), 1e-5)
+    np.testing.assert_allclose(shifted, 2 * out + 0.5, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_bias_backward():
+    x, W, b = RNG.normal(size=(2, 3, 4)), RNG.normal(size=(4, 6)), RNG.normal(size=6)
+    w = RNG.normal(size=(2, 3, 6))
+    out, cache = ops.linear_bias_forward(x, W, b)
+    np.testing.assert_allclose(out, x @ W + b, rtol=1e-12)
+    dx, dW, db = ops.linear_bias_backward(w, cache)
+    check_op(lambda: weighted(ops.linear_bias_forward(x, W, b)[0], w), [dx, dW, db], [x, W, b])
+
+
+def test_gelu_backward_and_formula():
+    x = np.concatenate([RNG.normal(size=(3, 8)) * 2, [[-6, -3, -1e-3, 0, 1e-3, 0.5, 3, 6]]])
+    w = RNG.normal(size=x.shape)
+    out, cache = ops.gelu_forward(x)
+    # GPT-2's gelu_new, written out independently
+    want = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * np.power(x, 3))))
+    np.testing.assert_allclose(out, want, rtol=1e-14, atol=1e-16)
+    assert out[-1, 3] == 0 and abs(out[-1, -1] - 6) < 1e-6 and abs(out[-1, 0]) < 1e-6
+    check_op(lambda: weighted(ops.gelu_forward(x)[0], w), list(ops.gelu_backward(w, cache)),
+             [x])
+
+
 def test_linear_backward():
     x, W, w = RNG.normal(size=(2, 3, 4)), RNG.normal(size=(4, 6)), RNG.normal(size=(2, 3, 6))
     out, cache = ops.linear_forward(x, W)

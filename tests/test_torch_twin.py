@@ -10,14 +10,24 @@ torch = pytest.importorskip("torch", reason="the PyTorch twin needs torch (test 
 from torch_twin import TorchGPT  # noqa: E402
 
 
-@pytest.mark.parametrize("backend", ["reference", "fused"])
-def test_twin_equals_randygpt_in_float64(backend):
-    cfg = ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_embd=16, n_head=4, dropout=0.0)
+GPT2 = dict(norm="layernorm", activation="gelu", bias=True, tied_head=True)
+VARIANTS = {"randygpt": {}, "gpt2": GPT2, "gpt2-untied": dict(GPT2, tied_head=False),
+            "layernorm-only": dict(norm="layernorm"), "gelu-bias": dict(activation="gelu",
+                                                                        bias=True)}
+
+
+@pytest.mark.parametrize("backend,variant", [("reference", v) for v in VARIANTS] +
+                         [("fused", "randygpt"), ("fused", "gpt2")])
+def test_twin_equals_randygpt_in_float64(backend, variant):
+    cfg = ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_embd=16, n_head=4, dropout=0.0,
+                      **VARIANTS[variant])
     ours = GPT(cfg, seed=3, dtype=np.float64, backend=backend)
     ours.params.flat[...] *= 20                      # far from init: every path matters
-    for name in ours.params.names():
+    for name, shape in ours.params.shapes:
         if name.endswith(".g"):
-            ours.params[name][...] = 1 + np.random.default_rng(4).normal(0, 0.3, cfg.n_embd)
+            ours.params[name][...] = 1 + np.random.default_rng(4).normal(0, 0.3, shape)
+        elif name.endswith(".b"):                    # biases (zero at init) matter too
+            ours.params[name][...] = np.random.default_rng(6).normal(0, 0.5, shape)
     twin = TorchGPT.from_randygpt(ours)
     rng = np.random.default_rng(5)
     x, y = rng.integers(0, 11, (3, 8)), rng.integers(0, 11, (3, 8))

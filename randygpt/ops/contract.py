@@ -9,9 +9,12 @@ Every differentiable op is a pair with one convention:
     op                 forward inputs              backward returns
     embedding          wte, wpe, idx               (None, dwte, dwpe)   ids have no gradient
     rmsnorm            x, g, eps                   (dx, dg)
+    layernorm          x, g, b, eps                (dx, dg, db)
     linear             x, w                        (dx, dw)
+    linear_bias        x, w, b                     (dx, dw, db)
     attention          qkv, n_head                 (dqkv,)              causal, fused q|k|v
     squared_relu       x                           (dx,)
+    gelu               x                           (dx,)                tanh approximation
     residual_dropout   x, fx, p, rng, row0=0       (dx, dfx)            x + dropout(fx); rows
                                                                         row0.. of a batch
     cross_entropy      logits, targets             (dlogits,)           dout is dloss (1.0)
@@ -40,8 +43,8 @@ import numpy as np
 from ..errors import UserError
 from . import reference
 
-PAIRS = ("embedding", "rmsnorm", "linear", "attention", "squared_relu", "residual_dropout",
-         "cross_entropy")
+PAIRS = ("embedding", "rmsnorm", "layernorm", "linear", "linear_bias", "attention",
+         "squared_relu", "gelu", "residual_dropout", "cross_entropy")
 FORWARD_ONLY = ("kv_attention_forward", "adamw_update")
 OP_NAMES = tuple(f"{p}_{d}" for p in PAIRS for d in ("forward", "backward")) + FORWARD_ONLY
 

@@ -71,6 +71,32 @@ def rmsnorm_backward(dout, cache):
 
 
 # --------------------------------------------------------------------------------------------
+# LayerNorm (GPT-2's): out = g * (x - mean(x)) / sqrt(var(x) + eps) + b, over the last axis
+
+def layernorm_forward(x, g, b, eps):
+    # x (..., C), g (C,), b (C,) -> out (..., C); cache the normalised x, 1/std and the gain
+    xp = array_module(x)
+    xc = x - x.mean(axis=-1, keepdims=True)
+    rstd = 1.0 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)   # (..., 1)
+    xhat = xc * rstd
+    return xhat * g + b, (xhat, rstd, g)
+
+
+def layernorm_backward(dout, cache):
+    # xhat = (x - mu) r: the centring removes the mean of dxhat, the scaling its projection
+    # on xhat:  dx = r * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),  dxhat = dout * g;
+    # dg = sum(dout * xhat),  db = sum(dout).
+    xhat, rstd, g = cache
+    C = xhat.shape[-1]
+    dg = (dout * xhat).reshape(-1, C).sum(axis=0)
+    db = dout.reshape(-1, C).sum(axis=0)
+    dxhat = dout * g
+    dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                 - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+    return dx, dg, db
+
+
+# --------------------------------------------------------------------------------------------
 # Linear (no bias): out = x @ W, W stored (in, out)
 
 def linear_forward(x, w):
@@ -85,6 +111,20 @@ def linear_backward(dout, cache):
     dx = dout @ w.T
     dw = x.reshape(-1, IN).T @ dout.reshape(-1, OUT)
     return dx, dw
+
+
+# Linear with a bias (GPT-2's four block layers): out = x @ W + b
+
+def linear_bias_forward(x, w, b):
+    # x (..., IN), w (IN, OUT), b (OUT,) -> out (..., OUT)
+    out, cache = linear_forward(x, w)
+    return out + b, cache
+
+
+def linear_bias_backward(dout, cache):
+    # as linear, and db = sum of dout over all leading positions
+    dx, dw = linear_backward(dout, cache)
+    return dx, dw, dout.reshape(-1, dout.shape[-1]).sum(axis=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,6 +201,28 @@ def squared_relu_forward(x):
 
 def squared_relu_backward(dout, r):
     return (2.0 * r * dout,)
+
+
+# --------------------------------------------------------------------------------------------
+# GELU, tanh approximation (GPT-2's gelu_new): out = x/2 * (1 + tanh(u)),
+# u = sqrt(2/pi) * (x + 0.044715 x^3)
+
+GELU_SCALE, GELU_CUBIC = math.sqrt(2.0 / math.pi), 0.044715
+
+
+def gelu_forward(x):
+    # x (..., D) -> out (..., D); cache x (the backward needs tanh(u), recomputed from it)
+    xp = array_module(x)
+    t = xp.tanh(GELU_SCALE * (x + GELU_CUBIC * x * x * x))
+    return 0.5 * x * (1.0 + t), x
+
+
+def gelu_backward(dout, x):
+    # d/dx = (1 + t)/2 + x/2 * (1 - t^2) * du/dx,  du/dx = sqrt(2/pi) * (1 + 3 * 0.044715 x^2)
+    xp = array_module(x)
+    t = xp.tanh(GELU_SCALE * (x + GELU_CUBIC * x * x * x))
+    du = GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * x * x)
+    return (dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du),)
 
 
 # --------------------------------------------------------------------------------------------

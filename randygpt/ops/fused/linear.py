@@ -1,4 +1,4 @@
-"""Linear (no bias): the reference's math on 2-D views. NumPy's matmul of a (B, T, IN) array
+"""Linear, without and with a bias: the reference's math on 2-D views. NumPy's matmul of a (B, T, IN) array
 runs one small sgemm per batch item; one (B*T, IN) @ (IN, OUT) product is 1.5-2x faster.
 Which kernel runs each float32 product, OpenBLAS or our own sgemm (fused/sgemm.py), is the
 backend's `kernels` option: a choose.KernelChoice that times both on first use of a shape
@@ -37,3 +37,16 @@ def linear_backward(dout, cache, *, empty=np.empty, kernels=None):
     d2, x2 = rows(dout), rows(x)
     return (_matmul(d2, w.T, empty, kernels).reshape(x.shape),
             _weight_gradient(x2, d2, empty, kernels))
+
+
+def linear_bias_forward(x, w, b, *, empty=np.empty, kernels=None):
+    # x (..., IN), w (IN, OUT), b (OUT,) -> out (..., OUT): the product, then b added in place
+    out, cache = linear_forward(x, w, empty=empty, kernels=kernels)
+    out += b
+    return out, cache
+
+
+def linear_bias_backward(dout, cache, *, empty=np.empty, kernels=None):
+    # as linear; db = the sum of dout over all positions
+    dx, dw = linear_backward(dout, cache, empty=empty, kernels=kernels)
+    return dx, dw, rows(dout).sum(axis=0)
