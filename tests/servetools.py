@@ -1,14 +1,19 @@
 """Shared by the serve tests: a tiny checkpoint and a real `randygpt serve` on 127.0.0.1."""
+import functools
 import os
 import socket
 import subprocess
 import sys
 import time
 
+import numpy as np
+
 
 from randygpt.checkpoint import save_checkpoint
 from randygpt.config import ModelConfig
 from randygpt.model import GPT
+from randygpt.optim import AdamW
+from randygpt.step import train_step
 from randygpt.tokenizer import CharTokenizer
 
 # every character the chat template and the tests type
@@ -16,12 +21,31 @@ TEXT = "the quick brown fox jumps over the lazy dog. THE END!\nUser: Assistant:"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_model(block=32, seed=1):
+def tiny_model(block=32, seed=1, iters=40):
+    """A 2-layer char model trained `iters` steps on TEXT (never an end of document), so it
+    writes letters and spaces, and long streams rarely end early at EOS. Trained once per
+    process: each call gets its own copy."""
+    model, tok = _trained(block, seed, iters)
+    copy = GPT(model.cfg, seed=None)
+    copy.params.flat[...] = model.params.flat
+    return copy, tok
+
+
+@functools.lru_cache(maxsize=None)
+def _trained(block, seed, iters):
     tok = CharTokenizer(TEXT)
     cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=block, n_layer=2, n_embd=32,
                       n_head=4, dropout=0.0)
     model = GPT(cfg, seed=seed)
-    model.params.flat[...] *= 3       # random weights far from uniform: varied, seedable text
+    data = tok.encode(TEXT * 8).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    opt = AdamW(model.params.flat, model.decay_mask(), 0.9, 0.99, weight_decay=0.0,
+                backend="reference")
+    for _ in range(iters):
+        starts = rng.integers(0, len(data) - block - 1, 8)
+        x = np.stack([data[i:i + block] for i in starts])                  # (8, block)
+        y = np.stack([data[i + 1:i + block + 1] for i in starts])
+        train_step(model, opt, x, y, 1e-2, grad_clip=1.0, dropout_rng=None)
     return model, tok
 
 

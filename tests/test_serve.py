@@ -187,7 +187,7 @@ def test_echo_with_max_tokens_0_scores_the_prompt(served):
 
 
 def test_score_tokens_context_is_at_least_half_a_block():
-    model, tok = tiny_model(block=8)
+    model, tok = tiny_model(block=8, iters=0)
     ids = np.random.default_rng(0).integers(0, tok.vocab_size, 30)
     got = score_tokens(model, ids, 2)
     assert got[0] is None
@@ -242,6 +242,7 @@ def test_tokenize_and_detokenize_round_trip(served):
     ({"prompt": "the", "max_tokens": 0}, "max_tokens", "echo"),
     ({"prompt": "thé ☃"}, "prompt", "'é', '☃'"),
     ({"prompt": [5, 999]}, "prompt", "999"),
+    ({"prompt": "a" * 9000}, "prompt", "9000 tokens; the limit is 8192"),
     ({}, "prompt", "required"),
     ({"prompt": "the", "model": "gpt-4"}, "model", "does not exist"),
 ])
@@ -395,7 +396,7 @@ def test_schemathesis_finds_no_server_errors(served):
         "POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models",
         "POST /tokenize", "POST /detokenize", "GET /health"}
     for op in operations:
-        @settings(max_examples=12, deadline=None, database=None,
+        @settings(max_examples=8, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
         @given(case=op.as_strategy())
         def no_5xx(case):
