@@ -363,8 +363,12 @@ def cmd_serve(args) -> int:
         import uvicorn
     except ImportError:
         raise UserError("serving needs fastapi and uvicorn: pip install -e '.[serve]'") from None
+    from .blas import set_blas_threads
     from .serve.app import Limits, create_app
     from .serve.chat import ChatTemplate
+    set_blas_threads(1)    # the decode thread multiplies (streams, C) blocks: see blas.py
+    if not 0 < args.port < 65536:
+        raise UserError(f"{{field}} {args.port} must be in 1..65535", "port")
     if args.queue < 0:
         raise UserError(f"{{field}} {args.queue} must be >= 0", "queue")
     key = args.api_key or os.environ.get("RANDYGPT_API_KEY") or None
