@@ -17,7 +17,6 @@ openai = pytest.importorskip("openai")
 
 from randygpt.serve.app import Limits, create_app           # noqa: E402
 from randygpt.serve.chat import ChatTemplate                # noqa: E402
-from randygpt.session import score_tokens                   # noqa: E402
 from servetools import ROOT, Server, tiny_checkpoint, tiny_model   # noqa: E402
 
 MODEL = "tiny"
@@ -186,19 +185,6 @@ def test_echo_with_max_tokens_0_scores_the_prompt(served):
     assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == 90
 
 
-def test_score_tokens_context_is_at_least_half_a_block():
-    model, tok = tiny_model(block=8, iters=0)
-    ids = np.random.default_rng(0).integers(0, tok.vocab_size, 30)
-    got = score_tokens(model, ids, 2)
-    assert got[0] is None
-    for t in range(1, 30):                   # window starts step by block // 2 = 4
-        start = 0 if t <= 8 else (t - 8 + 3) // 4 * 4
-        assert t - start >= min(t, 4)
-        want = logsoftmax(model.forward(ids[None, start:t])[0][0, -1])
-        assert got[t].logprob == pytest.approx(want[ids[t]], abs=1e-5)
-        assert [i for i, _ in got[t].top] == list(np.argsort(-want, kind="stable")[:2])
-
-
 def test_generated_logprobs_are_the_models(served):
     app, model, tok = served
     r = run(app, lambda c, h: c.completions.create(model=MODEL, prompt="the ", max_tokens=12,
@@ -243,6 +229,9 @@ def test_tokenize_and_detokenize_round_trip(served):
     ({"prompt": "thé ☃"}, "prompt", "'é', '☃'"),
     ({"prompt": [5, 999]}, "prompt", "999"),
     ({"prompt": "a" * 9000}, "prompt", "9000 tokens; the limit is 8192"),
+    ({"prompt": ["a", "b"], "n": 7}, "n", "needs 14 streams"),
+    ({"prompt": "the", "best_of": 2}, "best_of", "unsupported field"),
+    ({"prompt": "the", "presence_penalty": False}, "presence_penalty", "unsupported"),
     ({}, "prompt", "required"),
     ({"prompt": "the", "model": "gpt-4"}, "model", "does not exist"),
 ])
@@ -259,7 +248,7 @@ def test_bad_completion_requests_are_400_naming_the_field(served, body, param, f
 def test_neutral_values_of_unimplemented_fields_are_accepted(served):
     app, _, _ = served
     r = run(app, lambda c, h: h.post("/v1/completions", json={
-        "prompt": "the", "max_tokens": 2, "presence_penalty": 0, "frequency_penalty": 0,
+        "prompt": "the", "max_tokens": 2, "presence_penalty": 0, "frequency_penalty": 0.0,
         "best_of": 1, "logit_bias": {}, "user": "me"}))
     assert r.status_code == 200, r.text
 

@@ -214,6 +214,9 @@ def create_app(checkpoint_or_model, tokenizer=None, *, model_id=None, api_key=No
     def start(jobs):
         if not jobs:
             return None
+        if len(jobs) > max_batch + queue:          # would never fit: waiting cannot help
+            raise APIError(400, f"this request needs {len(jobs)} streams (prompts x n); this "
+                           f"server takes at most {max_batch + queue} at once", "n")
         try:
             return engine.submit(jobs)
         except QueueFull as e:

@@ -44,10 +44,18 @@ class _Body(BaseModel):
         """Drop a not-implemented field given at its neutral value (or null); any other value
         stays, and extra="forbid" then names it."""
         if isinstance(data, dict):
-            data = {k: v for k, v in data.items() if not (
-                k not in cls.model_fields and k in NEUTRAL
-                and (v is None or (v == NEUTRAL[k] and type(v) is type(NEUTRAL[k]))))}
+            data = {k: v for k, v in data.items()
+                    if not (k not in cls.model_fields and k in NEUTRAL and _neutral(k, v))}
         return data
+
+
+def _neutral(field, value) -> bool:
+    want = NEUTRAL[field]
+    if value is None or isinstance(want, bool):
+        return value is None or value is want
+    if isinstance(want, (int, float)):                    # 0 and 0.0 alike, never False
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == want
+    return value == want
 
 
 class StreamOptions(_Body):
