@@ -4,7 +4,7 @@ against a server that decodes one stream at a time (--max-batch 1: requests seri
 peer this compares with), and the server's RSS before and after 1,000 requests.
 
     .venv/bin/python benchmarks/bench_serve.py [--preset small] [--tokens 64] [--data PATH]
-        [--requests 1000]
+        [--requests 1000] [--round 32]
 
 The model is the preset's shape, briefly trained (so that EOS is unlikely and every request
 makes all its tokens) on Tiny Shakespeare (../shared/data/tinyshakespeare.txt) or the
@@ -15,7 +15,6 @@ tokens the server reports (usage) over the wall time of the whole round.
 import argparse
 import asyncio
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,17 +102,21 @@ def main():
     ap.add_argument("--tokens", type=int, default=64, help="max_tokens per request")
     ap.add_argument("--data", default=DEFAULT_DATA)
     ap.add_argument("--requests", type=int, default=1000, help="requests for the RSS soak")
+    ap.add_argument("--train-steps", type=int, default=30,
+                    help="AdamW steps before serving (EOS becomes unlikely)")
+    ap.add_argument("--round", type=int, default=32,
+                    help="requests per measured round (at least 2 per client)")
     args = ap.parse_args()
     text = open(args.data, encoding="utf-8").read() if os.path.exists(args.data) \
         else builtin_sample_text()
-    model, tok = briefly_trained(args.preset, text)
+    model, tok = briefly_trained(args.preset, text, args.train_steps)
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     name = next((l.split(":", 1)[1].strip() for l in cpu.splitlines()
                  if l.startswith("Model name")), "unknown CPU")
     print(f"CPU: {name}, {os.cpu_count()} cores; load average before: "
           f"{os.getloadavg()[0]:.2f} (other processes may be running)")
     print(f"model: {args.preset} preset, {model.num_params:,} parameters, block "
-          f"{model.cfg.block_size}; {args.tokens} tokens per request")
+          f"{model.cfg.block_size}; {args.tokens} tokens per request", flush=True)
     with tempfile.TemporaryDirectory() as d:
         ckpt = os.path.join(d, "checkpoint.safetensors")
         save_checkpoint(ckpt, model, tok)
@@ -123,9 +126,11 @@ def main():
             try:
                 asyncio.run(round_of(server.url, 2, 1, 8))                 # warm-up
                 for clients in (1, 8, 32):
-                    per = max(2, 32 // clients)
-                    rows[batch, clients] = asyncio.run(
+                    per = max(2, args.round // clients)
+                    rows[batch, clients] = r = asyncio.run(
                         round_of(server.url, clients, per, args.tokens))
+                    print(f"--max-batch {batch}, {clients} clients: {r['requests']} requests "
+                          f"in {r['wall']:.1f} s, {r['tok_s']:.0f} tok/s", flush=True)
                 if batch == 32:
                     before = rss_mb(server.proc.pid)
                     t0 = time.perf_counter()
