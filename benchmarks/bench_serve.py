@@ -77,7 +77,15 @@ async def round_of(url, clients, per_client, tokens):
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(limits=limits) as http:
         async def client():
-            return [await one_request(http, url, tokens) for _ in range(per_client)]
+            out = []
+            for _ in range(per_client):
+                try:
+                    out.append(await one_request(http, url, tokens))
+                except httpx.TransportError:      # a pooled connection the server had closed
+                    retries[0] += 1
+                    out.append(await one_request(http, url, tokens))
+            return out
+        retries = [0]
         t0 = time.perf_counter()
         results = [r for rs in await asyncio.gather(*[client() for _ in range(clients)])
                    for r in rs]
@@ -85,7 +93,7 @@ async def round_of(url, clients, per_client, tokens):
     ttft = sorted(f for f, _ in results if f is not None)
     return {"tok_s": sum(u for _, u in results) / wall, "p50": ttft[len(ttft) // 2],
             "p99": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], "wall": wall,
-            "requests": len(results)}
+            "requests": len(results), "retries": retries[0]}
 
 
 def rss_mb(pid) -> float:
@@ -134,7 +142,7 @@ def main():
                 if batch == 32:
                     before = rss_mb(server.proc.pid)
                     t0 = time.perf_counter()
-                    asyncio.run(round_of(server.url, 16, args.requests // 16, 8))
+                    soak_round = asyncio.run(round_of(server.url, 16, args.requests // 16, 8))
                     soak = (time.perf_counter() - t0, rss_mb(server.proc.pid))
                     health = httpx.get(server.url + "/health").json()
             finally:
@@ -150,7 +158,9 @@ def main():
     n = args.requests // 16 * 16
     print(f"\nRSS of the --max-batch 32 server: {before:.1f} MB before {n} requests "
           f"(16 clients, 8 tokens each, {soak[0]:.1f} s), {soak[1]:.1f} MB after "
-          f"({soak[1] - before:+.1f} MB); peak batch {health['peak_batch']}")
+          f"({soak[1] - before:+.1f} MB); peak batch {health['peak_batch']}; "
+          f"{soak_round['retries'] + sum(r['retries'] for r in rows.values())} retried "
+          "requests")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

@@ -382,7 +382,8 @@ def cmd_serve(args) -> int:
                      chat=ChatTemplate(args.user_name, args.assistant_name))
     print(f"randygpt serve: {ckpt.path} as '{app.state.model_id}' on "
           f"http://{args.host}:{args.port}/ (playground at /)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # keep-alive 30 s (uvicorn's default is 5): a client's pooled connection outlives a pause
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30)
     return 0
 
 

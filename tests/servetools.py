@@ -66,18 +66,21 @@ class Server:
     """`python -m randygpt serve ...` in a subprocess, up once /health answers."""
 
     def __init__(self, checkpoint, *flags, env=None):
+        import tempfile
         self.port = free_port()
+        self.log = tempfile.TemporaryFile(mode="w+")     # a file, not a pipe nobody drains
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "randygpt", "serve", "--checkpoint", checkpoint,
              "--host", "127.0.0.1", "--port", str(self.port), *flags],
-            cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True)
+            cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self.log,
+            stderr=subprocess.STDOUT, text=True)
         import httpx
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError("serve exited: " + self.proc.stderr.read())
+                self.log.seek(0)
+                raise RuntimeError("serve exited: " + self.log.read())
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
@@ -93,3 +96,4 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.log.close()
