@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_export_tokenizer(sub)
     _add_hf(sub)
+    _add_serve(sub)
     return parser
 
 
@@ -462,6 +463,62 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# serve: a checkpoint behind an OpenAI-compatible HTTP API (randygpt/serve, the `serve` extra)
+
+def _add_serve(sub) -> None:
+    s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description="Serve a checkpoint: /v1/completions, /v1/chat/completions, "
+                       "/v1/models, /tokenize, /detokenize, /health and a playground page at "
+                       "/. Needs the serve extra: pip install -e '.[serve]'.")
+    _add_checkpoint_flags(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--api-key", metavar="KEY", default=None,
+                   help="require 'Authorization: Bearer KEY' on the API (default: "
+                        "$RANDYGPT_API_KEY, else none)")
+    s.add_argument("--max-batch", type=_positive_int, default=8, metavar="N",
+                   help="streams decoded together in one batched step (default 8)")
+    s.add_argument("--queue", type=int, default=64, metavar="N",
+                   help="choices that may wait for a free stream; more get 429 (default 64)")
+    s.add_argument("--max-tokens-cap", type=_positive_int, default=1024, metavar="N",
+                   help="the largest max_tokens a request may ask for (default 1024)")
+    s.add_argument("--user-name", default="User", metavar="NAME",
+                   help="the user's speaker name in the chat transcript (default User)")
+    s.add_argument("--assistant-name", default="Assistant", metavar="NAME",
+                   help="the model's speaker name in the chat transcript (default Assistant)")
+
+
+def cmd_serve(args) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise UserError("serving needs fastapi and uvicorn: pip install -e '.[serve]'") from None
+    from .blas import set_blas_threads
+    from .serve.app import Limits, create_app
+    from .serve.chat import ChatTemplate
+    set_blas_threads(1)    # the decode thread multiplies (streams, C) blocks: see blas.py
+    if not 0 < args.port < 65536:
+        raise UserError(f"{{field}} {args.port} must be in 1..65535", "port")
+    if args.queue < 0:
+        raise UserError(f"{{field}} {args.queue} must be >= 0", "queue")
+    key = args.api_key or os.environ.get("RANDYGPT_API_KEY") or None
+    if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"randygpt serve: warning: {args.host} is reachable from other machines and no "
+              "API key is set (--api-key or RANDYGPT_API_KEY): anyone can use this server",
+              file=sys.stderr)
+    ckpt = _load_model(args)
+    app = create_app(ckpt, api_key=key, max_batch=args.max_batch, queue=args.queue,
+                     limits=Limits(max_tokens_cap=args.max_tokens_cap),
+                     chat=ChatTemplate(args.user_name, args.assistant_name))
+    print(f"randygpt serve: {ckpt.path} as '{app.state.model_id}' on "
+          f"http://{args.host}:{args.port}/ (playground at /)", file=sys.stderr)
+    # keep-alive 30 s (uvicorn's default is 5): a client's pooled connection outlives a pause
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -471,7 +528,7 @@ def main(argv=None) -> int:
         return 2
     handlers = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "info": cmd_info,
                 "export-tokenizer": cmd_export_tokenizer, "import-hf": cmd_import_hf,
-                "export-hf": cmd_export_hf}
+                "export-hf": cmd_export_hf, "serve": cmd_serve}
     try:
         return handlers[args.command](args)
     except UserError as e:

@@ -6,12 +6,16 @@
                                  own logits, then all of them are decoded in ONE batched step
     generate(model, tokenizer, prompt, ...) -> iterator of Events       (one stream)
     complete(model, tokenizer, prompt, ...) -> str                      (the whole text)
+    score_tokens(model, ids, top_n) -> [TokenLogprob | None, ...]       (a text's own logprobs)
 
 The weights are the model's own, shared by every stream; a stream owns only its row of the
 KVCache, its window of token ids, its sampler state and its text filters. An Event carries
 the token id, the text that token releases (a BPE token can end mid-character, and text
 that may still become a stop string is held back) and, on a stream's last event, why it
-ended: "stop" (end of document, or a stop string, which is not output) or "length".
+ended: "stop" (end of document, or a stop string, which is not output) or "length". A
+stream submitted with `logprobs=N` also gets, on each event with a token, that token's log
+probability and the N likeliest tokens' under the model's own distribution (log-softmax of
+the logits: before temperature, top-k and top-p, which only shape the draw).
 
 Windows: positions are absolute (learned wpe), so when a stream's window holds block_size
 tokens the next one does not fit; the window restarts as its last `keep` tokens plus the
@@ -38,6 +42,21 @@ class Event:
     token: int | None                 # the new token; None when the stream ends without one
     text: str                         # the text this event releases (may be "")
     finish_reason: str | None = None  # "stop" or "length" on the stream's last event
+    logprob: "TokenLogprob | None" = None   # only for a stream submitted with logprobs=N
+
+
+@dataclass
+class TokenLogprob:
+    logprob: float                    # log p(token | what came before)
+    top: list                         # [(id, logprob), ...] the top_n likeliest, best first
+
+
+def token_logprob(logits, token: int, top_n: int) -> TokenLogprob:
+    """log-softmax of logits (V,) at `token`, and the top_n likeliest ids with theirs."""
+    z = logits.astype(np.float64)
+    lp = z - (z.max() + np.log(np.exp(z - z.max()).sum()))                  # (V,)
+    top = np.argsort(-lp, kind="stable")[:top_n] if top_n else []
+    return TokenLogprob(float(lp[token]), [(int(i), float(lp[i])) for i in top])
 
 
 @dataclass
@@ -49,6 +68,7 @@ class _Stream:
     rng: np.random.Generator
     detokenizer: Detokenizer
     stops: StopFilter
+    logprobs: int | None = None       # top-N logprobs per token; None: none computed
     generated: int = 0
     tokens: list = field(default_factory=list)
 
@@ -102,15 +122,19 @@ class Session:
 
     # ---- streams of text ---------------------------------------------------------------
     def submit(self, prompt="", max_tokens: int = 200, sampling: SamplingConfig | None = None,
-               stop=(), rng=None) -> int:
+               stop=(), rng=None, logprobs: int | None = None) -> int:
         """Start a stream on `prompt` (text, or a list of ids); returns its id. Every
-        argument is checked here, before any token is made."""
+        argument is checked here, before any token is made. `logprobs=N`: each event carries
+        its token's logprob and the N likeliest alternatives (see Event)."""
         sampling = sampling or SamplingConfig()
         sampling.validate()
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise UserError(f"{{field}} {max_tokens} must be at least 1", "max_tokens")
         if any(s == "" for s in stop):
             raise UserError("a {field} string is empty; give at least one character", "stop")
+        if logprobs is not None and not 0 <= logprobs <= self.model.cfg.vocab_size:
+            raise UserError(f"{{field}} {logprobs} must be in [0, vocab size "
+                            f"{self.model.cfg.vocab_size}]", "logprobs")
         ids = encode_prompt(self.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
         if not self.free:
             raise RuntimeError("every stream of this session is busy")
@@ -118,7 +142,7 @@ class Session:
         logits = self.prefill(s, ids)
         self.active[s] = _Stream(self._windows[s], logits, max_tokens, sampling,
                                  rng if rng is not None else np.random.default_rng(),
-                                 Detokenizer(self.tokenizer), StopFilter(stop))
+                                 Detokenizer(self.tokenizer), StopFilter(stop), logprobs)
         return s
 
     def cancel(self, stream: int) -> None:
@@ -130,6 +154,7 @@ class Session:
         for s in sorted(self.active):
             st = self.active[s]
             token = sample_token(st.logits, st.sampling, st.rng)
+            lp = None if st.logprobs is None else token_logprob(st.logits, token, st.logprobs)
             if token == self.tokenizer.eos_id:
                 events.append(self._finish(s, None, "", "stop"))
                 continue
@@ -143,6 +168,7 @@ class Session:
             else:
                 events.append(Event(s, token, text))
                 going.append((s, token))
+            events[-1].logprob = lp
         if going:
             streams, tokens = zip(*going)
             for s, logits in zip(streams, self.feed(list(streams), list(tokens))):
@@ -158,6 +184,24 @@ class Session:
             else:
                 text += st.stops.flush()
         return Event(s, token, text, reason)
+
+
+def score_tokens(model, ids, top_n: int = 0) -> list:
+    """The model's logprob of each of `ids` given the ones before it: [None (the first has no
+    context), TokenLogprob, ...]. This is how a text is scored (OpenAI's echo + logprobs with
+    max_tokens 0). Beyond block_size tokens each forward window starts half a block after the
+    previous one, so every scored token sees at least block_size // 2 tokens of context."""
+    ids = np.asarray(ids, dtype=np.int64)
+    T, out = model.cfg.block_size, [None] * len(ids)
+    start, done = 0, 1                    # window start; ids[:done] are scored
+    while done < len(ids):
+        window = ids[start:start + T + 1]                                      # (<= T+1,)
+        logits, _ = model.forward(window[None, :-1])                           # (1, t, V)
+        for j in range(done - start - 1, len(window) - 1):    # logits[j] predicts start+j+1
+            out[start + j + 1] = token_logprob(logits[0, j], int(window[j + 1]), top_n)
+        done = start + len(window)
+        start += max(1, T // 2)
+    return out
 
 
 def generate(model, tokenizer, prompt="", max_tokens: int = 200,

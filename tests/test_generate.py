@@ -13,7 +13,7 @@ from randygpt.errors import UserError
 from randygpt.model import GPT
 from randygpt.model import KVCache
 from randygpt.sample import SamplingConfig, sample_token
-from randygpt.session import Session, complete, generate
+from randygpt.session import Session, complete, generate, score_tokens
 from randygpt.tokenizer import CharTokenizer
 from clitools import assert_one_line_error
 
@@ -506,3 +506,51 @@ def test_blas_threads_can_be_set_at_run_time():
     finally:
         set_blas_threads(before)
     assert get_blas_threads() == before
+
+
+# --------------------------------------------------------------------------------------------
+# logprobs: of sampled tokens (Session with logprobs=N) and of a given text (score_tokens)
+
+def log_softmax(z):
+    z = z.astype(np.float64)
+    return z - z.max() - np.log(np.exp(z - z.max()).sum())
+
+
+def test_events_carry_the_models_logprobs_when_asked():
+    # two streams batched; the one that asked gets, per token, log-softmax of the model's
+    # logits (not the sampler's temperature / top-k distribution) and the top 3
+    model = make_model()
+    prompt = random_ids(3, seed=4)
+    session = Session(model, TOK, streams=2)
+    a = session.submit(prompt, BLOCK - 3, SamplingConfig(0.7, top_k=5), (),
+                       np.random.default_rng(1), logprobs=3)
+    b = session.submit(prompt[:2], BLOCK - 3, None, (), np.random.default_rng(2))
+    events = []
+    while session.active:
+        events += session.step()
+    assert all(e.logprob is None for e in events if e.stream == b)
+    mine = [e for e in events if e.stream == a]
+    assert len(mine) == BLOCK - 3 and all(e.token is not None for e in mine)
+    window = list(prompt)
+    for e in mine:
+        want = log_softmax(full_logits(model, window)[-1])
+        assert e.logprob.logprob == pytest.approx(want[e.token], abs=1e-5)
+        assert [i for i, _ in e.logprob.top] == list(np.argsort(-want, kind="stable")[:3])
+        assert [v for _, v in e.logprob.top] == pytest.approx(np.sort(want)[::-1][:3], abs=1e-5)
+        window.append(e.token)
+    with pytest.raises(UserError, match="logprobs"):
+        session.submit(prompt, 3, logprobs=-1)
+
+
+def test_score_tokens_equals_forward_with_at_least_half_a_block_of_context():
+    model = make_model()
+    ids = random_ids(40, seed=6)
+    got = score_tokens(model, ids, 2)
+    assert got[0] is None and len(got) == 40
+    half = BLOCK // 2
+    for t in range(1, 40):           # windows start every half block; the first covers 1..BLOCK
+        start = 0 if t <= BLOCK else (t - BLOCK + half - 1) // half * half
+        assert t - start >= min(t, half)
+        want = log_softmax(full_logits(model, ids[start:t])[-1])
+        assert got[t].logprob == pytest.approx(want[ids[t]], abs=1e-5)
+        assert [i for i, _ in got[t].top] == list(np.argsort(-want, kind="stable")[:2])
