@@ -286,7 +286,7 @@ def test_fine_tune_on_text_with_unknown_characters_names_them(run12, tmp_path, c
     assert main(["train", "--fine-tune", out, "--data", str(new), "--iters", "3",
                  "--out", str(tmp_path / "ft")]) == 2
     line = _one_line_error(capsys)
-    assert f"{len(unknown)} character(s) the tokenizer does not know" in line
+    assert f"{len(unknown)} character(s) the checkpoint's tokenizer does not know" in line
     for ch in unknown:
         assert repr(ch) in line, (ch, line)
     assert main(["train", "--fine-tune", out, "--data", str(data), "--iters", "3", "--dim", "32",
