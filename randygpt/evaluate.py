@@ -74,11 +74,19 @@ def piece_windows(a: int, b: int, T: int, stride: int | None):
 
 def score_windows(model, tokens: np.ndarray, windows, batch_windows: int = 16) -> float:
     """Total nats of the scored targets of `windows` (see piece_windows) over `tokens`.
-    Windows of similar width share a forward pass (padded; padding is never scored)."""
+    Windows of similar width share a forward pass of about batch_windows full windows'
+    tokens (short documents: many rows; padding is never scored)."""
     total = 0.0
     order = sorted(windows, key=lambda w: w[1])
-    for i in range(0, len(order), batch_windows):
-        group = order[i:i + batch_windows]
+    budget = batch_windows * max((w for _, w, _ in order), default=1)
+    groups, i = [], 0
+    while i < len(order):       # widths ascend: a group's last window is its widest
+        j = i + 1
+        while j < len(order) and (j + 1 - i) * order[j][1] <= budget:
+            j += 1
+        groups.append(order[i:j])
+        i = j
+    for group in groups:
         width = max(w for _, w, _ in group)
         idx = np.array([[s + min(j, w) for j in range(width + 1)] for s, w, _ in group])
         chunk = tokens[idx].astype(np.int64)                               # (B, width+1)

@@ -346,7 +346,8 @@ def test_train_with_bpe_documents_reports_bits_per_char_and_uses_the_cache(tmp_p
     m, t = tiny_configs()
     logs = []
     r = train(plan_run(m, t, text=SPEECHES, out_dir=str(tmp_path / "run"), bpe_vocab_size=300,
-                       doc_separator="\n\n", cache_dir=str(tmp_path / "cache")),
+                       doc_separator="\n\n", cache_dir=str(tmp_path / "cache"),
+                       val_split="tail"),           # the last documents, as counted below
               sample_tokens=30, log=logs.append)
     assert r.tokenizer.kind == "bpe" and r.model.cfg.vocab_size == r.tokenizer.vocab_size
     assert any("encoded" in x and "160 documents" in x for x in logs)
@@ -367,7 +368,8 @@ def test_train_with_bpe_documents_reports_bits_per_char_and_uses_the_cache(tmp_p
     assert len(r.sample) >= 20 and known >= 0.95 * len(r.sample), r.sample
     logs.clear()
     again = train(plan_run(m, t, text=SPEECHES, bpe_vocab_size=300, doc_separator="\n\n",
-                           cache_dir=str(tmp_path / "cache")), sample_tokens=0, log=logs.append)
+                           cache_dir=str(tmp_path / "cache"), val_split="tail"),
+                  sample_tokens=0, log=logs.append)
     assert any("from the cache" in x for x in logs) and not any("encoded" in x for x in logs)
     assert again.history == [dict(h, elapsed_s=a["elapsed_s"], tokens_per_sec=a["tokens_per_sec"])
                              for h, a in zip(r.history, again.history)]
