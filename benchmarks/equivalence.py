@@ -36,7 +36,10 @@ CONFIGS = {
 
 
 def cli(*args, check=True):
+    # OpenBLAS for every product, as when the baseline was recorded: the measured kernel
+    # choice (ops/fused/choose.py) would make the bits depend on which kernel won here
     env = dict(os.environ, PYTHONHASHSEED="0")
+    env.setdefault("RANDYGPT_SGEMM", "blas")
     r = subprocess.run([sys.executable, "-m", "randygpt", *args], capture_output=True,
                        text=True, cwd=ROOT, env=env, timeout=900)
     if check and r.returncode != 0:
@@ -78,6 +81,7 @@ def fingerprint(name: str, extra: list[str], workdir: str) -> dict:
         # uninterrupted run ended
         out2 = os.path.join(workdir, name + "-resumed")
         env = dict(os.environ, PYTHONHASHSEED="0")
+        env.setdefault("RANDYGPT_SGEMM", "blas")
         p = subprocess.Popen([sys.executable, "-m", "randygpt", "train", *BASE, *flags,
                               "--out", out2], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
