@@ -31,6 +31,7 @@ from .config import ModelConfig, TrainConfig
 from .errors import UserError
 from .model import GPT, parameter_shapes
 from .ops.reference import array_module
+from .schedule import ScheduleState
 from .tokenizer import tokenizer_from_dict
 
 FORMAT_VERSION = 1
@@ -70,6 +71,7 @@ class CheckpointMeta:
     ranks: int | None = None               # MPI ranks that trained it (None: one process)
     optimizer_step: int | None = None      # written from the optimizer itself
     num_params: int | None = None          # written from the model itself
+    schedule: ScheduleState | None = None  # target, time used, plateau counters (schedule.py)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict:
@@ -126,7 +128,10 @@ class CheckpointMeta:
                 except Exception as e:      # numpy's setter raises several types
                     raise UserError(f"metadata field rng.{k} is not a valid generator state "
                                     f"({type(e).__name__})") from None
-        return replace(meta, train_config=tc, data=data)
+        schedule = meta.schedule
+        if schedule is not None and not isinstance(schedule, ScheduleState):
+            schedule = ScheduleState.from_json(schedule)
+        return replace(meta, train_config=tc, data=data, schedule=schedule)
 
 
 def _is_number(v) -> bool:

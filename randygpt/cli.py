@@ -5,6 +5,7 @@ import argparse
 import math
 import os
 import sys
+import time
 
 from .config import DEFAULT_PRESET, PRESETS, ModelConfig, TrainConfig, flag_fields
 from .errors import UserError
@@ -33,6 +34,17 @@ def _nonneg_float(s):
     if not (v >= 0 and math.isfinite(v)):
         raise argparse.ArgumentTypeError(f"{s} must be a finite number >= 0")
     return v
+
+
+def _parsed_by(parse):
+    """An argparse type from a config field's parser (ValueError -> argparse's message)."""
+    def convert(s):
+        try:
+            return parse(s)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,8 +88,9 @@ def _add_train(sub) -> None:
     for cls, title in ((ModelConfig, "model (override the preset)"), (TrainConfig, "training")):
         group = t.add_argument_group(title)
         for f in flag_fields(cls):     # default SUPPRESS: args holds only what was typed
-            kind = {"int": _positive_int if f.metadata["positive"] else int,
-                    "float": _nonneg_float}[f.type]
+            kind = (_parsed_by(f.metadata["parse"]) if f.metadata["parse"] else
+                    {"int": _positive_int if f.metadata["positive"] else int,
+                     "float": _nonneg_float}[f.type])
             default = "the preset's" if f.metadata["preset"] else f.default
             group.add_argument(_flag(f), dest=f.name, type=kind, default=argparse.SUPPRESS,
                                metavar=_flag(f)[2:].upper().replace("-", "_"),
@@ -131,6 +144,18 @@ def flag_of(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+def _process_started() -> float:
+    """time.monotonic() when this process began (interpreter start-up and imports count
+    against a time budget); now, where /proc does not say."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])     # field 22: starttime
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.monotonic() - max(0.0, age)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.monotonic()
+
+
 def cmd_train(args) -> int:
     from .distributed import open_world
     from .runs import plan_run
@@ -153,7 +178,7 @@ def cmd_train(args) -> int:
             val_split=args.val_split))
         result = train(plan, backend=backend, sample_tokens=max(0, args.sample_tokens),
                        progress=False if args.no_progress else None, world=world,
-                       exact_eval=args.exact_eval)
+                       exact_eval=args.exact_eval, started=_process_started())
     except BaseException as e:
         if world.size > 1 and not getattr(e, "agreed", False):
             _end_job(world, e)                   # the other ranks would wait for this one

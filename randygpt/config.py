@@ -9,6 +9,7 @@ a separate head) and GPT-2's (LayerNorm, GELU, biases, tied head; randygpt/hf.py
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import UserError
@@ -22,11 +23,22 @@ ACTIVATIONS = ("squared_relu", "gelu")
 
 
 def setting(default, help: str, *, flag: str | None = None, preset: bool = False,
-            positive: bool = False):
+            positive: bool = False, parse=None):
     """A config field that is a flag of `randygpt train`: its help, its flag's name (default:
-    the field name with dashes), whether a preset sets it, whether it must be at least 1."""
+    the field name with dashes), whether a preset sets it, whether it must be at least 1, and
+    a parser of its text when it is not a plain number (raises ValueError)."""
     return field(default=default, metadata=dict(
-        help=help, flag=flag, preset=preset, positive=positive))
+        help=help, flag=flag, preset=preset, positive=positive, parse=parse))
+
+
+def parse_duration(text: str) -> float:
+    """'180', '180s', '3m', '1h30m', '2.5m' -> seconds (a number alone is seconds)."""
+    s = str(text).strip().lower()
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s?)?", s)
+    if not s or parts is None or not any(parts.groups()):
+        raise ValueError(f"{text!r} is not a duration: write e.g. 180s, 3m or 1h30m")
+    h, m, sec = (float(g) if g else 0.0 for g in parts.groups())
+    return h * 3600 + m * 60 + sec
 
 
 def flag_fields(cls) -> list:
@@ -106,6 +118,16 @@ class TrainConfig(_Config):
     eval_iters: int = setting(20, "batches per loss estimate", positive=True)
     seed: int = setting(1337, "seed for init, batches and dropout; same seed + threads = same "
                         "losses")
+    # when to stop, besides --iters (schedule.py)
+    time_budget: float = setting(0.0, "stop after this much wall time, start-up and the final "
+                                 "evaluation included (e.g. 180s, 3m, 1h30m; 0 = none); the LR "
+                                 "schedule is fitted to it and --iters only caps it",
+                                 parse=parse_duration)
+    lr_on_plateau: int = setting(0, "multiply the LR by --plateau-factor when the val loss has "
+                                 "not improved for N evaluations (0 = off)")
+    plateau_factor: float = setting(0.5, "the LR factor of each plateau reduction")
+    early_stop: int = setting(0, "stop when the val loss has not improved for N evaluations "
+                              "(0 = off)")
 
     def validate(self) -> None:
         for f in fields(self):          # inf/NaN pass comparisons below, and JSON holds neither
@@ -120,7 +142,8 @@ class TrainConfig(_Config):
         if not 0 <= self.min_lr <= self.lr:
             raise UserError(f"{{field}} {self.min_lr} must lie between 0 and the peak learning "
                             f"rate ({self.lr})", "min_lr")
-        for name, low in (("warmup", 0), ("weight_decay", 0), ("grad_clip", 0)):
+        for name, low in (("warmup", 0), ("weight_decay", 0), ("grad_clip", 0),
+                          ("time_budget", 0), ("lr_on_plateau", 0), ("early_stop", 0)):
             if getattr(self, name) < low:
                 raise UserError(f"{{field}} {getattr(self, name)} must be >= 0", name)
         if not 0.0 <= self.decay_frac <= 1.0:
@@ -128,6 +151,9 @@ class TrainConfig(_Config):
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"{{field}} {getattr(self, name)} must be in [0, 1)", name)
+        if not 0.0 < self.plateau_factor < 1.0:
+            raise UserError(f"{{field}} {self.plateau_factor} must be in (0, 1)",
+                            "plateau_factor")
 
 
 # The seed's size table. "small" is the seed's v0.5 config (~1.2M parameters with a 65-char

@@ -62,6 +62,10 @@ class World:
         has one or None): what every rank needs after a step, the same on all."""
         return loss, signum
 
+    def share(self, values: list) -> list:
+        """Rank 0's `values` (a few numbers) on every rank: its decisions (schedule.py)."""
+        return list(values)
+
     def check_same_weights(self, flat: np.ndarray, it: int) -> None:
         """Raise on every rank if some rank's weights differ from rank 0's."""
 
@@ -138,6 +142,12 @@ class MPIWorld(World):
             total += float(every[r, 0])
         signals = [int(s) for s in every[:, 1] if s]
         return total, (signals[0] if signals else None)
+
+    def share(self, values: list) -> list:
+        buf = np.array(values, dtype=np.float64)
+        with self._collective("rank 0's schedule"):
+            self.comm.Bcast(buf, root=0)
+        return buf.tolist()
 
     def check_same_weights(self, flat: np.ndarray, it: int) -> None:
         with self._collective("the weight checksum"):

@@ -34,7 +34,11 @@ from .memory import fitting_batch
 SHAPE = ("n_layer", "n_embd", "n_head", "block_size")
 # A resume may change the iteration target and the micro-batches per rank (with a different
 # number of MPI ranks, --grad-accum can keep the step's batch: batch x grad_accum x ranks).
-RESUME_MAY_SET = ("iters", "grad_accum")
+# A resume may also change the time budget (a total, like iters) and the stopping rules.
+RESUME_MAY_SET = ("iters", "grad_accum", "time_budget", "lr_on_plateau", "plateau_factor",
+                  "early_stop")
+# With a time budget and no --iters, the budget alone sets the target: iters is only a cap.
+BUDGET_ITERS_CAP = 10**9
 # On the ~5 KB built-in sample the small preset's val loss is lowest after ~150 iterations and
 # then climbs as it memorises the text (measured: 2.25 at 150, 2.65 at 300, 3.54 at 500 of a
 # 2000-iteration run): a demo run stops near the minimum.
@@ -149,7 +153,9 @@ def _fresh(chosen, preset, fine_tune, text, data_path, out_dir, runs_dir) -> Run
     if builtin:
         notices.append("no training text given and no train.txt here: training on the built-in "
                        "sample text (a few KB)")
-    if builtin and fine_tune is None and "iters" not in chosen:
+    if tcfg.time_budget and "iters" not in chosen:
+        tcfg = replace(tcfg, iters=BUDGET_ITERS_CAP)
+    elif builtin and fine_tune is None and "iters" not in chosen:
         tcfg = replace(tcfg, iters=SAMPLE_ITERS,
                        eval_interval=chosen.get("eval_interval", SAMPLE_ITERS // 8))
         notices.append(f"the built-in sample is only a few KB: training {SAMPLE_ITERS} "
@@ -174,6 +180,14 @@ def _resume(chosen, preset, ckpt, text, data_path, out_dir, doc_separator) -> Ru
                            "on resume the checkpoint's configuration is used: drop the flag, "
                            "or start a new run (or fine-tune) to change it")
     tcfg = replace(ckpt.train_config, **{k: chosen[k] for k in RESUME_MAY_SET if k in chosen})
+    if "time_budget" in chosen and chosen["time_budget"] and "iters" not in chosen:
+        tcfg = replace(tcfg, iters=max(tcfg.iters, BUDGET_ITERS_CAP))
+    schedule = ckpt.meta.schedule
+    used = schedule.elapsed_s if schedule is not None else 0.0
+    if tcfg.time_budget and used >= tcfg.time_budget * 0.95:
+        raise UserError(f"{ckpt.path} has used {used:.0f} s of its {tcfg.time_budget:.0f} s "
+                        "time budget; {field} is the total over every session of the run, so "
+                        "pass a larger one to train more", "time_budget")
     if ckpt.iter >= tcfg.iters:
         raise UserError(f"{ckpt.path} is already at iteration {ckpt.iter}; {{field}} is the "
                         f"total target, so pass {{field}} larger than {ckpt.iter} to train more",

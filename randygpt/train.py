@@ -39,9 +39,9 @@ from .evaluate import evaluate_documents
 from .memory import check_fits, training_memory
 from .model import GPT
 from .ops.contract import get_backend
-from .optim import lr_at
 from .runs import RunPlan, lock_run_dir
 from .sample import SamplingConfig
+from .schedule import Schedule
 from .session import complete, generate
 from .step import make_optimizer, train_step
 from .tokenizer import BPETokenizer, CharTokenizer
@@ -156,7 +156,8 @@ def prepare(plan: RunPlan, backend="fused", progress: bool | None = None,
         run.start_iter = meta.iter
         run.best_val_loss = float("inf") if meta.best_val_loss is None else meta.best_val_loss
         run.fine_tuned_from = meta.fine_tuned_from
-        log(f"resuming from {plan.resume.path} at iteration {run.start_iter} of {tcfg.iters}")
+        log(f"resuming from {plan.resume.path} at iteration {run.start_iter}"
+            + ("" if tcfg.time_budget else f" of {tcfg.iters}"))
         ranks, size = meta.ranks or 1, (world or World()).size
         if ranks != size:
             log(f"note: the checkpoint was trained on {ranks} rank(s), this run has {size}: a "
@@ -184,26 +185,41 @@ def _check_known_characters(text: str, tokenizer, field: str) -> None:
 
 def train(plan: RunPlan, *, backend="fused", sample_tokens: int = 300,
           progress: bool | None = None, log=print, stop_after: int | None = None,
-          world: World | None = None, exact_eval: bool = False) -> TrainResult:
+          world: World | None = None, exact_eval: bool = False,
+          started: float | None = None) -> TrainResult:
     """Train the plan to plan.train.iters total iterations on `backend` (a name or a Backend).
     `stop_after`: stop as a signal would, after that many total iterations (for scripted runs
     and tests). `progress`: a bar (None: when stderr is a terminal). `world`: the ranks of an
     MPI job (distributed.open_world); None: this process alone. The last evaluation also
     scores the whole validation split exactly (each target once); `exact_eval`: every
-    evaluation does, and the best checkpoint is chosen by that exact loss."""
+    evaluation does, and the best checkpoint is chosen by that exact loss. `started`: the
+    time.monotonic() at which the session began (a time budget counts from it; None: now)."""
     world = world or World()
     if not world.is_root:                 # the other ranks print only errors
         log, progress = _silent, False
     with ExitStack() as held:             # rank 0 alone holds (and writes) the run directory
         world.together(lambda: held.enter_context(
             lock_run_dir(plan.out_dir if world.is_root else None, plan.resume)))
-        return _train(plan, backend, sample_tokens, progress, log, stop_after, exact_eval, world)
+        return _train(plan, backend, sample_tokens, progress, log, stop_after, exact_eval, world,
+                      time.monotonic() if started is None else started)
 
 
 def _train(plan, backend, sample_tokens, progress, log, stop_after, exact_eval,
-           world) -> TrainResult:
+           world, started) -> TrainResult:
     run = world.together(lambda: prepare(plan, backend, progress, log, world))
     model, tcfg, tokenizer = run.model, plan.train, run.tokenizer
+    # the final work a time budget must leave room for: the exact validation pass (its
+    # windows overlap, ~2 forward tokens a target) and the sample (a decode step is one row,
+    # priced as ~10 batched forward tokens)
+    schedule = Schedule(tcfg, model.cfg.block_size,
+                        plan.resume.meta.schedule if plan.resume is not None else None, started,
+                        final_tokens=2 * len(run.split.val) + 10 * sample_tokens)
+    if tcfg.time_budget:
+        log(f"time budget: {tcfg.time_budget:g} s in all"
+            + (f", {schedule.used_before:.0f} s used by earlier sessions"
+               if schedule.used_before else "")
+            + "; the LR schedule is fitted to the time left as steps are measured")
+    share = world.size > 1 and schedule.adaptive
     rows = tcfg.batch_size * tcfg.grad_accum          # this rank's share of a step's batch
     mine = slice(world.rank * rows, (world.rank + 1) * rows)
     to_device = model.backend.to_device
@@ -220,10 +236,11 @@ def _train(plan, backend, sample_tokens, progress, log, stop_after, exact_eval,
     tokens = train_time = 0.0
     first = None
     # overflow warnings would bury the one-line divergence error: the loop checks every loss
-    with Reporter(run, progress, log, world, exact_eval) as report, \
+    with Reporter(run, progress, log, world, exact_eval, schedule) as report, \
             np.errstate(over="ignore", invalid="ignore"):
-        for it in range(run.start_iter, tcfg.iters):
-            lr = lr_at(it, tcfg.iters, tcfg.lr, tcfg.min_lr, tcfg.warmup, tcfg.decay_frac)
+        it = run.start_iter
+        while not schedule.done(it):
+            lr = schedule.lr(it)
             t0 = time.perf_counter()
             # the step's whole batch, drawn alike on every rank: a row's data is its row's
             x, y = get_batch(run.split.train, rows * world.size, model.cfg.block_size,
@@ -236,25 +253,32 @@ def _train(plan, backend, sample_tokens, progress, log, stop_after, exact_eval,
                               n_targets=int((y >= 0).sum()),
                               grad_hook=world.reduce_gradients if world.size > 1 else None)
             loss, signum = world.exchange(step.loss, report.signum)
-            done = it + 1
+            done = it = it + 1
             real, seconds = int((y >= 0).sum()), time.perf_counter() - t0
+            schedule.stepped(done, seconds, first_of_session=first is None)
             if first is None:
                 first = (real, seconds)
             else:
                 tokens, train_time = tokens + real, train_time + seconds
             tok_s = tokens / train_time if train_time else first[0] / first[1]
             report.stepped(done, loss, lr, tok_s)
-            if done % tcfg.eval_interval == 0 or done == tcfg.iters:
-                report.evaluate(done, lr, tok_s)
+            if done % tcfg.eval_interval == 0 or schedule.done(done):
+                t_eval = time.perf_counter()
+                report.evaluate(done, lr, tok_s, final=schedule.done(done))
+                schedule.evaluated(time.perf_counter() - t_eval)
+            if share:                    # every rank takes rank 0's target, LR and stop
+                schedule.share(world)
             if signum is not None or done == stop_after:
                 report.signum = signum if signum is not None else report.signum
                 report.stop(done)
                 break
     result = TrainResult(model, tokenizer, report.done, report.train_loss, report.val_loss,
                          report.history, "", report.checkpoint, report.signum)
-    if report.done < tcfg.iters:
+    if not schedule.done(report.done):
         log(report.stopped_line())
         return result
+    if schedule.state.stopped == "time":
+        log(schedule.stop_line())
     if sample_tokens <= 0 or not world.is_root:
         return result
     rng = np.random.default_rng(tcfg.seed)
@@ -286,10 +310,11 @@ class Reporter:
     aborts at once (KeyboardInterrupt): writes are atomic, so the last checkpoint stays whole.
     Only the main thread can own signal handlers."""
 
-    def __init__(self, run: PreparedRun, progress: bool | None, log, world: World | None = None,
-                 exact_eval: bool = False):
+    def __init__(self, run: PreparedRun, progress: bool | None, log, world: World,
+                 exact_eval: bool, schedule: Schedule):
         self.run, self.log, self.progress, self.exact_eval = run, log, progress, exact_eval
-        self.world = world or World()
+        self.schedule = schedule
+        self.world = world
         self.writes = self.world.is_root      # of several ranks, rank 0 alone writes
         self.out_dir = run.plan.out_dir
         self.done = run.start_iter
@@ -307,7 +332,7 @@ class Reporter:
             if self.run.plan.resume is not None:
                 _trim_metrics(path, self.done)    # rows a killed run wrote past its checkpoint
             self.metrics = open(path, "a", encoding="utf-8")
-        self.bar = _progress_bar(self.run.plan.train.iters, self.progress, initial=self.done)
+        self.bar = _progress_bar(self.schedule.target, self.progress, initial=self.done)
         # handlers last: a failure above must not leave them installed
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
@@ -340,12 +365,16 @@ class Reporter:
 
     def stepped(self, done: int, loss: float, lr: float, tok_s: float) -> None:
         self.done = done
+        if self.bar is not None and self.bar.total != self.schedule.target:
+            self.bar.total = self.schedule.target      # a time budget refits the target
         if self.bar is not None:    # a GPU's loss is not read here (it would wait for it)
             shown = f"loss {loss:.4f} " if isinstance(loss, float) else ""
             self.bar.set_postfix_str(f"{shown}lr {lr:.2e} {tok_s:,.0f} tok/s", refresh=False)
             self.bar.update(1)
 
-    def evaluate(self, done: int, lr: float, tok_s: float) -> None:
+    def evaluate(self, done: int, lr: float, tok_s: float, final: bool = False) -> None:
+        """Estimate train and val loss (and, when `final` or --exact-eval, the exact val
+        loss), log them, feed the schedule's plateau and early-stop counters, checkpoint."""
         run, tcfg = self.run, self.run.plan.train
         self.world.check_same_weights(run.model.params.flat, done)
         if not self.writes:        # rank 0 evaluates alone: the others go on to the next step
@@ -362,7 +391,7 @@ class Reporter:
                    val_bpc=round(val_bpc, 6), lr=lr, tokens_per_sec=round(tok_s, 1),
                    elapsed_s=round(time.perf_counter() - self.start, 3))
         exact = None
-        if self.exact_eval or done == tcfg.iters:   # every validation target, once
+        if self.exact_eval or final:     # every validation target, once
             exact = evaluate_documents(run.model, val)
             self.check("exact val loss", exact.loss, done)
             row.update(val_loss_exact=round(exact.loss, 6),
@@ -374,6 +403,7 @@ class Reporter:
             self.metrics.write(json.dumps(row) + "\n")
             self.metrics.flush()
         score = exact.loss if self.exact_eval else self.val_loss
+        said = self.schedule.after_evaluation(score)
         is_best = score < self.best_val_loss
         best_before, self.best_val_loss = self.best_val_loss, min(self.best_val_loss, score)
         try:
@@ -384,15 +414,16 @@ class Reporter:
                 self.metrics.truncate(row_at)
                 self.history.pop()
             raise
-        line = (f"iter {done}/{tcfg.iters}: train loss {self.train_loss:.4f}, val loss "
+        line = (f"iter {done}/{self.schedule.target}: train loss {self.train_loss:.4f}, val loss "
                 f"{self.val_loss:.4f}, val ppl {math.exp(self.val_loss):.2f}, val bpc "
                 f"{val_bpc:.4f}, {tok_s:,.0f} tok/s") + (
                     f"; exact val loss {exact.loss:.4f} (every one of {exact.tokens:,} "
                     f"targets), bpc {exact.bits_per_char:.4f}" if exact is not None else "")
-        if self.bar is not None:
-            self.bar.write(line)
-        else:
-            self.log(line)
+        for text in (line, said) if said else (line,):
+            if self.bar is not None:
+                self.bar.write(text)
+            else:
+                self.log(text)
 
     def save(self, names) -> None:
         """Write the state after `done` iterations to out_dir/name for each name (one
@@ -405,7 +436,8 @@ class Reporter:
             val_loss=self.val_loss, train_loss=self.train_loss, data=run.data,
             fine_tuned_from=run.fine_tuned_from,
             rng={"batch": rng_state(run.batch_rng), "dropout": rng_state(run.dropout_rng)},
-            ranks=self.world.size if self.world.size > 1 else None))
+            ranks=self.world.size if self.world.size > 1 else None,
+            schedule=self.schedule.snapshot()))
         for name in names:
             try:
                 write_atomic(os.path.join(self.out_dir, name), blob)
@@ -425,7 +457,7 @@ class Reporter:
     def stopped_line(self) -> str:
         why = (f"stopped by {signal.Signals(self.signum).name}" if self.signum is not None
                else "stopped")
-        return f"{why} at iteration {self.done}/{self.run.plan.train.iters}" + (
+        return f"{why} at iteration {self.done}/{self.schedule.target}" + (
             f": checkpoint written to {self.checkpoint}; continue by resuming it"
             if self.checkpoint else " (no run directory: nothing saved)")
 

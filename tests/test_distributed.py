@@ -364,3 +364,26 @@ def test_weight_checksum_catches_one_ulp_of_drift_and_reduction_sums(tmp_path):
     assert "rank 1 True: " in r.stdout                                    # said once, by rank 0
     for rank in (0, 1):
         assert f"rank {rank} sum {[3.0] * 7} loss 0.75 signal 15" in r.stdout
+
+
+def test_rank_zero_decides_plateaus_early_stop_and_the_time_budget_for_every_rank(tmp_path):
+    # rank 0 alone evaluates: its plateau reductions and early stop must reach the other rank
+    # (World.share), or the ranks would step with different LRs and the checksum would fail
+    stall = ["--lr", "0.05", "--eval-interval", "2", "--lr-on-plateau", "1", "--early-stop",
+             "3", "--iters", "200"]
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    r = _train([*RUN, *stall, "--out", two], n=2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("early stop") == 1 and "done: 200 iterations" not in r.stdout
+    s = _train([*RUN, *stall, "--grad-accum", "2", "--out", one], **ONE_THREAD)
+    assert s.returncode == 0, s.stderr
+    assert _same_metrics(two, one)
+    _assert_same_tensors(os.path.join(two, "checkpoint.safetensors"),
+                         os.path.join(one, "checkpoint.safetensors"))
+    # a time budget: rank 0's clock ends both ranks together, inside the budget
+    budget = str(tmp_path / "budget")
+    r = _train([*RUN, "--time-budget", "8s", "--eval-interval", "10", "--out", budget], n=2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("done: ") == 1
+    last = _rows(budget)[-1]
+    assert "val_loss_exact" in last and last["elapsed_s"] < 8.0

@@ -1,4 +1,5 @@
 """The training loop as a library: it learns, it is deterministic, it writes metrics."""
+import time
 import json
 import math
 
@@ -123,7 +124,8 @@ def test_first_run_notice_and_tok_s_of_real_tokens_without_the_first_step(monkey
     import randygpt.train as tr
     from randygpt.ops.contract import get_backend
     clock = iter(range(10 ** 6))
-    monkeypatch.setattr(tr, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    monkeypatch.setattr(tr, "time", SimpleNamespace(perf_counter=lambda: float(next(clock)),
+                                                    monotonic=time.monotonic))
     real, step = [], tr.train_step
     monkeypatch.setattr(tr, "train_step", lambda model, opt, x, y, *a, **k:
                         real.append(int((y >= 0).sum())) or step(model, opt, x, y, *a, **k))
