@@ -166,79 +166,46 @@ def ablated_backend(name):
     return contract.make_backend(f"fused{name}", table, fused.options)
 
 
-def randygpt_trainer(cfg, impl):
-    import numpy as np
+def model_config(cfg, dropout=DROPOUT):
     from randygpt.config import ModelConfig
+    return ModelConfig(vocab_size=VOCAB, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
+                       n_embd=cfg["n_embd"], n_head=cfg["n_head"], dropout=dropout)
+
+
+def randygpt_trainer(cfg, impl):
+    """randyGPT's training step as `randygpt train` takes it: step.train_step."""
+    import numpy as np
+    from randygpt.config import TrainConfig
     from randygpt.model import GPT
-    from randygpt.optim import AdamW, clip_grad_norm
+    from randygpt.step import make_optimizer, train_step
     # the backend `randygpt train` uses: fused (with its default options) or the reference
     backend = ablated_backend(impl) if impl in ABLATIONS and impl != "fused" else impl
-    mcfg = ModelConfig(vocab_size=VOCAB, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
-                       n_embd=cfg["n_embd"], n_head=cfg["n_head"], dropout=DROPOUT)
-    model = GPT(mcfg, seed=0, backend=backend)
-    opt = AdamW(model.params.flat, model.decay_mask(), *BETAS, eps=EPS, weight_decay=WD,
-                backend=model.backend)
+    model = GPT(model_config(cfg), seed=0, backend=backend)
+    tcfg = TrainConfig(beta1=BETAS[0], beta2=BETAS[1], weight_decay=WD, grad_clip=CLIP)
+    opt = make_optimizer(model, tcfg, model.backend)
+    assert opt.eps == EPS
     data = batches(token_stream(), cfg["batch_size"], cfg["block_size"], seed=1)
     dropout_rng = np.random.default_rng(2)
 
     def step():
         x, y = next(data)
-        _, loss = model.forward(x, y, rng=dropout_rng)
-        model.backward()
-        clip_grad_norm(model.grads.flat, CLIP)
-        opt.step(model.grads.flat, LR)
-        return loss
+        return train_step(model, opt, x, y, LR, grad_clip=CLIP, dropout_rng=dropout_rng).loss
     step.kernels = model.backend.options.get("kernels")      # the fused backend's choices
     return step
 
 
-def torch_model(cfg):
-    """The randyGPT architecture in PyTorch. Weights are stored (in, out) like randyGPT's."""
-    import torch
-    import torch.nn.functional as F
-    C, H, L, T = cfg["n_embd"], cfg["n_head"], cfg["n_layer"], cfg["block_size"]
-
-    class GPT(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            P = torch.nn.Parameter
-            self.wte, self.wpe = P(torch.randn(VOCAB, C) * 0.02), P(torch.randn(T, C) * 0.02)
-            self.ln1 = torch.nn.ParameterList([P(torch.ones(C)) for _ in range(L)])
-            self.qkv = torch.nn.ParameterList([P(torch.randn(C, 3 * C) * 0.02) for _ in range(L)])
-            self.proj = torch.nn.ParameterList([P(torch.randn(C, C) * 0.02) for _ in range(L)])
-            self.ln2 = torch.nn.ParameterList([P(torch.ones(C)) for _ in range(L)])
-            self.fc = torch.nn.ParameterList([P(torch.randn(C, 4 * C) * 0.02) for _ in range(L)])
-            self.mlp = torch.nn.ParameterList([P(torch.randn(4 * C, C) * 0.02) for _ in range(L)])
-            self.ln_f, self.lm_head = P(torch.ones(C)), P(torch.randn(C, VOCAB) * 0.02)
-
-        def forward(self, idx, targets, dropout):
-            B, Tn = idx.shape
-            x = self.wte[idx] + self.wpe[:Tn]
-            for i in range(L):
-                qkv = F.rms_norm(x, (C,), self.ln1[i], 1e-5) @ self.qkv[i]
-                q, k, v = qkv.view(B, Tn, 3, H, C // H).permute(2, 0, 3, 1, 4)
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                y = y.transpose(1, 2).reshape(B, Tn, C)
-                x = x + F.dropout(y @ self.proj[i], dropout, self.training)
-                h = F.relu(F.rms_norm(x, (C,), self.ln2[i], 1e-5) @ self.fc[i]).square()
-                x = x + F.dropout(h @ self.mlp[i], dropout, self.training)
-            logits = F.rms_norm(x, (C,), self.ln_f, 1e-5) @ self.lm_head
-            return F.cross_entropy(logits.view(-1, VOCAB), targets.reshape(-1))
-
-        def load_randygpt(self, params):
-            """Copy a randyGPT model's weights (params: name -> array)."""
-            with torch.no_grad():
-                self.wte.copy_(torch.from_numpy(params["wte"]))
-                self.wpe.copy_(torch.from_numpy(params["wpe"]))
-                for i in range(L):
-                    for mine, theirs in ((self.ln1, "ln1.g"), (self.qkv, "attn.qkv"),
-                                         (self.proj, "attn.proj"), (self.ln2, "ln2.g"),
-                                         (self.fc, "mlp.fc"), (self.mlp, "mlp.proj")):
-                        mine[i].copy_(torch.from_numpy(params[f"h.{i}.{theirs}"]))
-                self.ln_f.copy_(torch.from_numpy(params["ln_f.g"]))
-                self.lm_head.copy_(torch.from_numpy(params["lm_head"]))
-
-    return GPT()
+def torch_model(cfg, dtype=None):
+    """The randyGPT architecture in PyTorch: tests/torch_twin.py's TorchGPT (the one twin),
+    initialised like randyGPT (N(0, 0.02) matrices, norm gains 1)."""
+    import torch       # first: the twin imports randygpt, whose thread policy must not
+    sys.path.insert(0, os.path.join(ROOT, "tests"))   # reach PyTorch's own pools
+    from torch_twin import TorchGPT
+    twin = TorchGPT(model_config(cfg), dtype or torch.float32)
+    with torch.no_grad():
+        for name in twin.names:
+            p = twin.p(name)
+            p.fill_(1.0) if p.dim() == 1 else p.normal_(0.0, 0.02)
+    return twin
 
 
 def torch_optimizer(model):
@@ -256,6 +223,7 @@ def torch_trainer(cfg):
     import torch
     torch.manual_seed(0)
     model = torch_model(cfg)
+    model.train()
     opt, _ = torch_optimizer(model)
     data = batches(token_stream(), cfg["batch_size"], cfg["block_size"], seed=1)
 
@@ -315,32 +283,24 @@ def worker(impl, config_name, warmup):
 
 def check_same_model():
     """The PyTorch model and randyGPT on the same weights and batch (no dropout, float64):
-    largest relative differences of the loss and of the gradients."""
+    largest relative differences of the loss and of the gradients (every parameter)."""
     import numpy as np
     import torch
-    from randygpt.config import ModelConfig
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
     from randygpt.model import GPT
+    from torch_twin import TorchGPT
     cfg = dict(n_layer=2, n_embd=32, n_head=4, block_size=16, batch_size=3)
-    mcfg = ModelConfig(vocab_size=VOCAB, block_size=16, n_layer=2, n_embd=32, n_head=4)
-    ours = GPT(mcfg, seed=3, dtype=np.float64)
-    theirs = torch_model(cfg).double()
-    theirs.load_randygpt({n: ours.params[n] for n in ours.params.names()})
+    ours = GPT(model_config(cfg, dropout=0.0), seed=3, dtype=np.float64)
+    theirs = TorchGPT.from_randygpt(ours)
     x, y = next(batches(token_stream(5000), 3, 16, seed=4))
     loss = ours.forward(x, y)[1]
     ours.backward()
     t_loss = theirs(torch.from_numpy(x), torch.from_numpy(y), 0.0)
     t_loss.backward()
-    t_grads = dict(wte=theirs.wte.grad, lm_head=theirs.lm_head.grad, ln_f=theirs.ln_f.grad)
-    for i in range(2):
-        t_grads[f"qkv{i}"], t_grads[f"fc{i}"] = theirs.qkv[i].grad, theirs.fc[i].grad
-    ours_grads = dict(wte=ours.grads["wte"], lm_head=ours.grads["lm_head"],
-                      ln_f=ours.grads["ln_f.g"])
-    for i in range(2):
-        ours_grads[f"qkv{i}"] = ours.grads[f"h.{i}.attn.qkv"]
-        ours_grads[f"fc{i}"] = ours.grads[f"h.{i}.mlp.fc"]
-    grad_err = max(float(np.abs(ours_grads[k] - t_grads[k].numpy()).max()
-                         / np.abs(ours_grads[k]).max()) for k in ours_grads)
-    return abs(loss - float(t_loss)) / abs(loss), grad_err
+    t_grads = theirs.grads()
+    grad_err = max(float(np.abs(ours.grads[k] - t_grads[k]).max() / np.abs(ours.grads[k]).max())
+                   for k in theirs.names)
+    return abs(loss - float(t_loss.detach())) / abs(loss), grad_err
 
 
 def generation_worker(impl, n_tokens):
