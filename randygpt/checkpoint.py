@@ -503,4 +503,5 @@ def summary(ckpt: Checkpoint) -> dict:
                       "vocab_size": int(ckpt.tokenizer.vocab_size)},
         "train_config": ckpt.train_config.to_dict() if ckpt.train_config else None,
         "has_optimizer_state": ckpt.optimizer_state is not None,
+        "schedule": meta.schedule.to_json() if meta.schedule is not None else None,
     }

@@ -306,8 +306,18 @@ def cmd_info(args) -> int:
     print(f"model: {m['n_layer']} layers, {m['n_embd']} dim, {m['n_head']} heads, block "
           f"{m['block_size']}, vocab {m['vocab_size']}, dropout {m['dropout']}: "
           f"{s['num_params']:,} parameters")
-    print(f"iteration: {s['iter']}" + (f" of {t['iters']}" if t else "") +
-          f"; best val loss: {best}")
+    sched = s["schedule"] or {}
+    of = (f" of {sched['target']}" + ("" if sched.get("fixed", True) else " (so far)")
+          if sched else f" of {t['iters']}" if t else "")
+    print(f"iteration: {s['iter']}{of}; best val loss: {best}")
+    if t and t.get("time_budget"):
+        print(f"time budget: {sched.get('elapsed_s', 0):.0f} s of {t['time_budget']:g} s used"
+              + {"time": "; it ran out", "early_stop": ""}.get(sched.get("stopped"), ""))
+    if sched.get("stopped") == "early_stop":
+        print(f"stopped early: the val loss had not improved for {sched['stalled']} "
+              "evaluations")
+    if sched.get("lr_scale", 1.0) != 1.0:
+        print(f"LR scale after plateaus: {sched['lr_scale']:g}")
     print(f"tokenizer: {tok['kind']}, {tok['vocab_size']} tokens")
     print("optimizer state: " + (f"yes (step {s['optimizer_step']})"
                                  if s["has_optimizer_state"] else "no (weights only)"))

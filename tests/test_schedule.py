@@ -10,6 +10,7 @@ import pytest
 
 import randygpt.schedule as schedule_module
 from randygpt.checkpoint import load_checkpoint
+from randygpt.cli import main
 from randygpt.config import ModelConfig, TrainConfig, parse_duration
 from randygpt.data import builtin_sample_text
 from randygpt.errors import UserError
@@ -177,7 +178,7 @@ def test_plateau_and_early_stop_in_training_and_a_resume_continues_them_exactly(
     np.testing.assert_array_equal(again.model.params.flat, one.model.params.flat)
 
 
-def test_a_budgeted_run_stops_in_time_and_a_resume_gets_only_what_is_left(tmp_path):
+def test_a_budgeted_run_stops_in_time_and_a_resume_gets_only_what_is_left(tmp_path, capsys):
     m, t = tiny(time_budget=6.0, warmup=5, decay_frac=0.5, eval_interval=20)
     out = str(tmp_path / "run")
     plan = plan_run(m, {"time_budget": 6.0, **{k: v for k, v in t.to_dict().items()
@@ -193,6 +194,11 @@ def test_a_budgeted_run_stops_in_time_and_a_resume_gets_only_what_is_left(tmp_pa
     assert rest.iters_done == final.target or final.stopped == "time"
     last = rows(out)[-1]
     assert "val_loss_exact" in last                    # the final evaluation was done
+    capsys.readouterr()
+    assert main(["info", out]) == 0
+    shown = capsys.readouterr().out
+    assert f"iteration: {rest.iters_done} of {final.target};" in shown
+    assert f"time budget: {final.elapsed_s:.0f} s of 6 s used" in shown
     # a budget used up: resuming needs a larger one
     with pytest.raises(UserError, match="time budget"):
         plan_run({"time_budget": 1.0}, resume="", out_dir=out, text=TEXT)
