@@ -13,8 +13,8 @@ implies, e.g. for each block
 and `_run` executes it over a buffer of slots (one row per stream). A description that
 uses an op the recorder has no kernel for (a new norm, an activation, dropout at decode)
 yields no program, and decode runs op by op as before, correct and slower. Products run in
-register blocks of 4 streams x 32 outputs, summing k in order whatever the block (so a
-stream's logits are bit-identical alone or batched with others); attention is
+register blocks of 4 streams x 16 outputs (or 1 x 64), summing k in order whatever the
+block (so a stream's logits are bit-identical alone or batched with others); attention is
 the reference kv_attention_forward's math for each (stream, head), reading and writing the
 model's KVCache. Tested against the op-by-op decode and full forward passes
 (tests/test_generate.py).
@@ -32,8 +32,8 @@ from .jit import FASTMATH, stack_block
 
 NORM, MATMUL, ACT, ADD, ATTEND = range(5)
 _FIELDS = 8            # opcode, in a, in b, out, parameter offset, width in, width out, layer
-_COLS = 32             # a product's register block: 4 rows (streams) x 32 outputs
-_block = stack_block(4 * _COLS)
+_COLS4, _COLS1 = 16, 64  # a product's register block: 4 rows x 16 outputs, or 1 row x 64
+_block = stack_block(4 * _COLS1)
 
 
 class Untraceable(Exception):
@@ -139,36 +139,39 @@ def trace(model) -> DecodeStep | None:
                       logits.slot, model.cfg.n_head)
 
 
-@njit(inline="always")
-def _zero(acc):
-    for r in range(4):
-        for j in range(_COLS):
-            acc[r, j] = 0
-
-
 @njit(fastmath={"contract"}, error_model="numpy")
 def _product_block(buf, s0, nr, a0, o0, W, j0, nc):
     """buf[s0 + r, o0 + j0 + j] = sum_k buf[s0 + r, a0 + k] * W[k, j0 + j], r < nr (4 or 1),
-    j < nc: a block of sums held in registers while k runs in order 0, 1, ... (the same
-    order for any nr, so a stream's logits do not depend on how many streams share a step)."""
-    acc = numba.carray(_block(buf.dtype), (4, _COLS))
-    _zero(acc)
+    j < nc: a block of sums held in registers while k runs in order 0, 1, ... Every output
+    is one chain of fused multiply-adds in k order whatever the block's shape, so a stream's
+    logits do not depend on how many streams share a step. The shapes fit AVX2's 16 ymm
+    registers: 4 rows x 16 (8 sums, 2 of W, 1 broadcast; 4 x 32 needed all 16 for the
+    sums alone) and 1 row x 64 (8 independent FMA chains instead of 4, to cover the FMA
+    latency)."""
+    acc = numba.carray(_block(buf.dtype), (4, _COLS1))
     K = W.shape[0]
-    if nc == _COLS:
-        if nr == 4:                                         # constant trip counts unroll
-            for k in range(K):
-                w_row = W[k, j0:j0 + _COLS]
-                for r in range(4):
-                    x = buf[s0 + r, a0 + k]
-                    for j in range(_COLS):
-                        acc[r, j] += x * w_row[j]
-        else:
-            for k in range(K):
-                w_row = W[k, j0:j0 + _COLS]
-                x = buf[s0, a0 + k]
-                for j in range(_COLS):
-                    acc[0, j] += x * w_row[j]
-    else:
+    if nr == 4 and nc == _COLS4:                            # constant trip counts unroll
+        for r in range(4):
+            for j in range(_COLS4):
+                acc[r, j] = 0
+        for k in range(K):
+            w_row = W[k, j0:j0 + _COLS4]
+            for r in range(4):
+                x = buf[s0 + r, a0 + k]
+                for j in range(_COLS4):
+                    acc[r, j] += x * w_row[j]
+    elif nr == 1 and nc == _COLS1:
+        for j in range(_COLS1):
+            acc[0, j] = 0
+        for k in range(K):
+            w_row = W[k, j0:j0 + _COLS1]
+            x = buf[s0, a0 + k]
+            for j in range(_COLS1):
+                acc[0, j] += x * w_row[j]
+    else:                                                   # the last columns
+        for r in range(nr):
+            for j in range(nc):
+                acc[r, j] = 0
         for k in range(K):
             for r in range(nr):
                 x = buf[s0 + r, a0 + k]
@@ -205,8 +208,9 @@ def _run(program, offsets, buf, flat, wte, wpe, tokens, positions, streams, kc, 
             s0 = 0
             while s0 < S:                   # blocks of 4 rows (one row at the end)
                 nr = 4 if S - s0 >= 4 else 1
-                for j0 in range(0, d_out, _COLS):
-                    _product_block(buf, s0, nr, a0, o0, W, j0, min(_COLS, d_out - j0))
+                cols = _COLS4 if nr == 4 else _COLS1
+                for j0 in range(0, d_out, cols):
+                    _product_block(buf, s0, nr, a0, o0, W, j0, min(cols, d_out - j0))
                 s0 += nr
         elif op == ACT:
             for s in range(S):
@@ -219,31 +223,42 @@ def _run(program, offsets, buf, flat, wte, wpe, tokens, positions, streams, kc, 
                 for c in range(d_in):
                     buf[s, o0 + c] = buf[s, a0 + c] + buf[s, b0 + c]
         else:                                               # ATTEND over the KV cache
-            Cq = d_out
-            hs = Cq // n_head
-            scale = 1 / math.sqrt(hs)
-            scores = np.empty(kc.shape[3], dtype=buf.dtype)
+            hs = d_out // n_head
             for s in range(S):
-                st, p = streams[s], positions[s]
-                for h in range(n_head):
-                    q0, k0, v0 = a0 + h * hs, a0 + Cq + h * hs, a0 + 2 * Cq + h * hs
-                    for d in range(hs):
-                        kc[layer, st, h, p, d] = buf[s, k0 + d]
-                        vc[layer, st, h, p, d] = buf[s, v0 + d]
-                    top = -np.inf
-                    for t in range(p + 1):
-                        dot = zero
-                        for d in range(hs):
-                            dot += buf[s, q0 + d] * kc[layer, st, h, t, d]
-                        scores[t] = dot * scale
-                        top = max(top, scores[t])
-                    total = zero
-                    for t in range(p + 1):
-                        scores[t] = math.exp(scores[t] - top)
-                        total += scores[t]
-                    for d in range(hs):
-                        buf[s, o0 + h * hs + d] = 0
-                    for t in range(p + 1):
-                        wt = scores[t] / total
-                        for d in range(hs):
-                            buf[s, o0 + h * hs + d] += wt * vc[layer, st, h, t, d]
+                _attend(buf[s], a0, o0, kc[layer, streams[s]], vc[layer, streams[s]],
+                        positions[s], n_head, hs, zero)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def _attend(row, a0, o0, kc, vc, p, n_head, hs, zero):
+    """One stream's attention at position p, head by head: its k and v go into the cache
+    (kc, vc: (H, T, hs), that stream's rows of one layer), then softmax(q k^T / sqrt(hs)) v
+    over positions 0..p. The cache rows come as 2-D views, so the loops index plain (T, hs)
+    arrays rather than the 5-D cache (indexed in place, attention took more time than all
+    the products: 4.5 of 8.2 ms for 32 streams at position 40)."""
+    Cq = n_head * hs
+    scale = 1 / math.sqrt(hs)
+    scores = np.empty(p + 1, dtype=row.dtype)
+    acc = np.empty(hs, dtype=row.dtype)
+    for h in range(n_head):
+        q = row[a0 + h * hs:a0 + (h + 1) * hs]
+        K, V = kc[h], vc[h]                                 # (T, hs)
+        K[p, :] = row[a0 + Cq + h * hs:a0 + Cq + (h + 1) * hs]
+        V[p, :] = row[a0 + 2 * Cq + h * hs:a0 + 2 * Cq + (h + 1) * hs]
+        top = -np.inf
+        for t in range(p + 1):
+            dot = zero
+            for d in range(hs):
+                dot += q[d] * K[t, d]
+            scores[t] = dot * scale
+            top = max(top, scores[t])
+        total = zero
+        for t in range(p + 1):
+            scores[t] = math.exp(scores[t] - top)
+            total += scores[t]
+        acc[:] = 0
+        for t in range(p + 1):
+            wt = scores[t] / total
+            for d in range(hs):
+                acc[d] += wt * V[t, d]
+        row[o0 + h * hs:o0 + (h + 1) * hs] = acc
