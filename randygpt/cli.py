@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_generate_and_eval(sub)
     _add_info(sub)
+    _add_plot(sub)
     _add_export_tokenizer(sub)
     _add_hf(sub)
     _add_serve(sub)
@@ -229,6 +230,30 @@ def _add_info(sub) -> None:
                        "iteration, best val loss, tokenizer and file size.")
     i.add_argument("path", metavar="PATH", help="checkpoint file (or a run directory)")
     i.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="draw runs' loss curves as a PNG",
+                       description="Draw the train and val loss curves of runs (their "
+                       "metrics.jsonl) as a PNG. One run: the picture training draws, with "
+                       "tokens seen and the learning rate (default RUN/loss.png). Several: one "
+                       "picture comparing them, a colour per run, val solid and train dashed "
+                       "(default ./runs-compare.png). Needs the plots extra: "
+                       "pip install -e '.[plots]'.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directory (or its metrics.jsonl)")
+    p.add_argument("-o", "--out", metavar="FILE.png", default=None,
+                   help="picture to write (default: RUN/loss.png for one run, "
+                   "./runs-compare.png for several)")
+
+
+def cmd_plot(args) -> int:
+    from .plot import COMPARISON, write_comparison, write_run_picture
+    if len(args.runs) == 1:
+        path = write_run_picture(args.runs[0], args.out)
+    else:
+        path = write_comparison(args.runs, args.out or COMPARISON)
+    print(f"wrote {path}")
+    return 0
 
 
 def _add_export_tokenizer(sub) -> None:
@@ -562,8 +587,8 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     handlers = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "info": cmd_info,
-                "export-tokenizer": cmd_export_tokenizer, "import-hf": cmd_import_hf,
-                "export-hf": cmd_export_hf, "serve": cmd_serve}
+                "plot": cmd_plot, "export-tokenizer": cmd_export_tokenizer,
+                "import-hf": cmd_import_hf, "export-hf": cmd_export_hf, "serve": cmd_serve}
     try:
         return handlers[args.command](args)
     except UserError as e:

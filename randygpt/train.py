@@ -5,11 +5,11 @@
      model and its optimizer, fresh or restored from a checkpoint (weights, AdamW moments, RNG
      streams, iteration), so that a resumed run continues bit for bit;
   2. the loop: one train_step (step.py) per iteration. A Reporter does everything else: the
-     progress bar; every eval_interval (and at the end) an evaluation, a metrics.jsonl row and
-     checkpoint.safetensors (+ checkpoint_best.safetensors when val loss improves); and the
-     signals: SIGINT / SIGTERM only set a flag, the loop finishes its step, writes a checkpoint
-     and returns with `signal` set (the CLI exits 130 / 143). Between evaluations nothing
-     touches the disk.
+     progress bar; every eval_interval (and at the end) an evaluation, a metrics.jsonl row,
+     checkpoint.safetensors (+ checkpoint_best.safetensors when val loss improves) and
+     loss.png (plot.py); and the signals: SIGINT / SIGTERM only set a flag, the loop finishes
+     its step, writes a checkpoint and returns with `signal` set (the CLI exits 130 / 143).
+     Between evaluations nothing touches the disk.
 
 Under mpiexec (a `world` of N ranks, distributed.py) every rank runs this loop on its share of
 each step's batch; rank 0 alone evaluates, writes and prints, and the ranks agree on the loss
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from . import plot
 from .checkpoint import (BEST, LATEST, CheckpointMeta, DataInfo, encode_checkpoint,
                          restore_optimizer, rng_from_state, rng_state, write_atomic)
 from .data import (Split, bits_per_char, get_batch, load_documents, split_documents,
@@ -262,7 +263,7 @@ def _train(plan, backend, sample_tokens, progress, log, stop_after, exact_eval,
             else:
                 tokens, train_time = tokens + real, train_time + seconds
             tok_s = tokens / train_time if train_time else first[0] / first[1]
-            report.stepped(done, loss, lr, tok_s)
+            report.stepped(done, loss, lr, tok_s, real)
             if done % tcfg.eval_interval == 0 or schedule.done(done):
                 t_eval = time.perf_counter()
                 report.evaluate(done, lr, tok_s, final=schedule.done(done))
@@ -324,15 +325,19 @@ class Reporter:
         self.history, self.checkpoint, self.saved_at = [], None, None
         self.signum, self._previous = None, {}
         self.metrics = self.bar = None
+        self.tokens_seen = 0            # training targets seen, since iteration 0
+        self.picture_notes = set()      # why loss.png could not be drawn, each said once
         self.start = time.perf_counter()
 
     def __enter__(self):
+        path = None
         if self.out_dir is not None and self.writes:
             os.makedirs(self.out_dir, exist_ok=True)
             path = os.path.join(self.out_dir, "metrics.jsonl")
             if self.run.plan.resume is not None:
                 _trim_metrics(path, self.done)    # rows a killed run wrote past its checkpoint
             self.metrics = open(path, "a", encoding="utf-8")
+        self.tokens_seen = _tokens_before(self.run, path)
         self.bar = _progress_bar(self.schedule.target, self.progress, initial=self.done)
         # handlers last: a failure above must not leave them installed
         if threading.current_thread() is threading.main_thread():
@@ -364,8 +369,9 @@ class Reporter:
             raise UserError(f"the {what} became {loss} at iteration {it}: training diverged; "
                             f"{kept}; lower {{field}} or lengthen the warmup", "lr")
 
-    def stepped(self, done: int, loss: float, lr: float, tok_s: float) -> None:
-        self.done = done
+    def stepped(self, done: int, loss: float, lr: float, tok_s: float, tokens: int) -> None:
+        """`tokens`: the real (non-padded) targets of the step's whole batch, every rank's."""
+        self.done, self.tokens_seen = done, self.tokens_seen + tokens
         if self.bar is not None and self.bar.total != self.schedule.target:
             self.bar.total = self.schedule.target      # a time budget refits the target
         if self.bar is not None:    # a GPU's loss is not read here (it would wait for it)
@@ -386,7 +392,7 @@ class Reporter:
         # bits per character: loss per token x tokens per character, in bits
         val = run.split.val
         val_bpc = bits_per_char(self.val_loss * val.n_targets, val.n_chars)
-        row = dict(iter=done, train_loss=round(self.train_loss, 6),
+        row = dict(iter=done, tokens=self.tokens_seen, train_loss=round(self.train_loss, 6),
                    val_loss=round(self.val_loss, 6), val_ppl=round(math.exp(self.val_loss), 4),
                    # (check above: a finite loss under 10 ln V, so exp cannot overflow)
                    val_bpc=round(val_bpc, 6), lr=lr, tokens_per_sec=round(tok_s, 1),
@@ -420,11 +426,31 @@ class Reporter:
                 f"{val_bpc:.4f}, {tok_s:,.0f} tok/s") + (
                     f"; exact val loss {exact.loss:.4f} (every one of {exact.tokens:,} "
                     f"targets), bpc {exact.bits_per_char:.4f}" if exact is not None else "")
-        for text in (line, said) if said else (line,):
-            if self.bar is not None:
-                self.bar.write(text)
-            else:
-                self.log(text)
+        self.say(line)
+        if said:
+            self.say(said)
+        self.draw()
+
+    def say(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            self.log(line)
+
+    def draw(self) -> None:
+        """Redraw <out>/loss.png from metrics.jsonl (the whole run's, resumes included). A
+        picture that cannot be drawn (no matplotlib, a full disk) is said once and never stops
+        training; a second signal (KeyboardInterrupt) still does."""
+        if self.metrics is None:
+            return
+        try:
+            plot.write_run_picture(self.out_dir)
+        except Exception as e:
+            why = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            why = " ".join(why.split())         # one line
+            if why not in self.picture_notes:
+                self.picture_notes.add(why)
+                self.say(f"note: {plot.PICTURE} not drawn: {why}")
 
     def save(self, names) -> None:
         """Write the state after `done` iterations to out_dir/name for each name (one
@@ -468,6 +494,24 @@ class Reporter:
 
 def _silent(*args, **kwargs):
     pass
+
+
+def _tokens_before(run: PreparedRun, metrics: str | None) -> int:
+    """Training targets seen before this session: none for a new run; for a resume, the
+    last metrics row's count, plus full batches (rows x ranks x block) for the iterations
+    after it (the checkpoint may be a stop's, past the last evaluation), or full batches
+    throughout when no row has a count (a run from before they existed)."""
+    if run.start_iter == 0:
+        return 0
+    tcfg, ranks = run.plan.train, run.plan.resume.meta.ranks or 1
+    full = tcfg.batch_size * tcfg.grad_accum * ranks * run.model.cfg.block_size
+    try:
+        rows = plot.read_metrics(metrics) if metrics else []
+    except UserError:
+        rows = []
+    last = next((r for r in reversed(rows) if isinstance(r.get("tokens"), int)),
+                {"iter": 0, "tokens": 0})
+    return last["tokens"] + (run.start_iter - last["iter"]) * full
 
 
 def _trim_metrics(path: str, upto_iter: int) -> None:
