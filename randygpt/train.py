@@ -440,8 +440,9 @@ class Reporter:
     def draw(self) -> None:
         """Redraw <out>/loss.png from metrics.jsonl (the whole run's, resumes included). A
         picture that cannot be drawn (no matplotlib, a full disk) is said once and never stops
-        training; a second signal (KeyboardInterrupt) still does."""
-        if self.metrics is None:
+        training; a second signal (KeyboardInterrupt) still does. RANDYGPT_NO_PLOT=1 turns
+        it off (a redraw costs ~0.5 s, a lot for runs that evaluate every few steps)."""
+        if self.metrics is None or os.environ.get("RANDYGPT_NO_PLOT", "") not in ("", "0"):
             return
         try:
             plot.write_run_picture(self.out_dir)

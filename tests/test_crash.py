@@ -137,7 +137,8 @@ def test_sigkill_inside_a_checkpoint_write_keeps_the_previous_one(tmp_path, wher
     out = tmp_path / "run"
     args = ["train", "--data", str(data), *TINY, "--eval-interval", "2", "--iters", "8",
             "--out", str(out)]
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, RANDYGPT_NO_PLOT="1",       # loss.png would be a write too
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     # writes 1 and 2 are iteration 2 (latest, best); write 3 is iteration 4's latest
     p = subprocess.run([sys.executable, "-c", KILL_INSIDE_WRITE, where, "3", *args], env=env,
                        capture_output=True, text=True, timeout=120)

@@ -62,6 +62,12 @@ def where(fig, ax, points):
     return [(x, height - y) for x, y in ax.transData.transform(np.asarray(points, float))]
 
 
+@pytest.fixture(autouse=True)
+def drawing_on(monkeypatch):
+    """The suite turns redrawing off (tests/conftest.py); here it is what is tested."""
+    monkeypatch.delenv("RANDYGPT_NO_PLOT", raising=False)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two runs of different learning rates; the first records loss.png after every redraw."""
@@ -73,9 +79,12 @@ def runs(tmp_path_factory):
         pictures.append((len(plot.read_metrics(run)), imread(path)))
         return path
     with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("RANDYGPT_NO_PLOT", raising=False)
         mp.setattr(plot, "write_run_picture", recording)
         run_tiny(root / "fast")
-    run_tiny(root / "slow", lr=5e-4)
+        mp.undo()
+        mp.delenv("RANDYGPT_NO_PLOT", raising=False)
+        run_tiny(root / "slow", lr=5e-4)
     return root / "fast", root / "slow", pictures
 
 
@@ -226,3 +235,10 @@ def test_training_goes_on_and_says_once_why_there_is_no_picture(monkeypatch, tmp
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
     assert not (tmp_path / "loss.png").exists()
     assert os.path.exists(tmp_path / "checkpoint.safetensors")
+
+
+def test_randygpt_no_plot_turns_the_redraw_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANDYGPT_NO_PLOT", "1")
+    run_tiny(tmp_path / "off")
+    assert (tmp_path / "off" / "metrics.jsonl").exists()
+    assert not (tmp_path / "off" / "loss.png").exists()
