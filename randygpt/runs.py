@@ -184,6 +184,7 @@ def _resume(chosen, preset, ckpt, text, data_path, out_dir, doc_separator) -> Ru
         tcfg = replace(tcfg, iters=max(tcfg.iters, BUDGET_ITERS_CAP))
     schedule = ckpt.meta.schedule
     used = schedule.elapsed_s if schedule is not None else 0.0
+    # under 5 % of the budget left cannot hold a session's start-up and final evaluation
     if tcfg.time_budget and used >= tcfg.time_budget * 0.95:
         raise UserError(f"{ckpt.path} has used {used:.0f} s of its {tcfg.time_budget:.0f} s "
                         "time budget; {field} is the total over every session of the run, so "

@@ -29,7 +29,6 @@ import math
 import time
 from dataclasses import asdict, dataclass
 
-from .config import parse_duration  # noqa: F401  (the budget's syntax)
 from .errors import UserError
 from .optim import lr_at
 
@@ -133,22 +132,27 @@ class Schedule:
     def evaluated(self, seconds: float) -> None:
         self.eval_s = seconds if self.eval_s is None else 0.5 * (self.eval_s + seconds)
 
-    def _final_seconds(self) -> float:
-        """The last evaluation, the exact validation pass and the sample. An evaluation runs
-        2 x eval_iters forward batches; before the first one, a forward is priced at a third
-        of a training step (forward + backward + update)."""
+    def _eval_seconds(self) -> float:
+        """An evaluation: measured, or before the first one 2 x eval_iters forward batches at
+        a third of a training step each (a step is forward + backward + update)."""
+        if self.eval_s is not None:
+            return self.eval_s
+        return 2 * self.tcfg.eval_iters * self.step_s / 3
+
+    def _final_seconds(self, eval_s: float) -> float:
+        """The last evaluation, then the final work's tokens at an evaluation's cost per
+        forward token (the exact validation pass and the sample)."""
         t = self.tcfg
-        forward_batches = 2 * t.eval_iters
-        eval_s = self.eval_s if self.eval_s is not None else forward_batches * self.step_s / 3
-        per_forward_token = eval_s / (forward_batches * t.batch_size * self.block)
+        per_forward_token = eval_s / (2 * t.eval_iters * t.batch_size * self.block)
         return eval_s + self.final_tokens * per_forward_token
 
     def _fit(self, done: int) -> None:
         t, s = self.tcfg, self.state
-        eval_s = self.eval_s if self.eval_s is not None else 2 * t.eval_iters * self.step_s / 3
+        eval_s = self._eval_seconds()
         # the evaluation about to run (this step ends an interval) is not in `elapsed` yet
         due = eval_s if done % t.eval_interval == 0 and done < s.target else 0.0
-        left = t.time_budget * (1 - MARGIN) - self.elapsed() - self._final_seconds() - due
+        left = (t.time_budget * (1 - MARGIN) - self.elapsed() - self._final_seconds(eval_s)
+                - due)
         if self.steps_timed < MIN_STEPS_TO_FIT:
             if left <= 0:                       # not even the start fits
                 s.stopped = "time"

@@ -188,7 +188,8 @@ def train(plan: RunPlan, *, backend="fused", sample_tokens: int = 300,
           progress: bool | None = None, log=print, stop_after: int | None = None,
           world: World | None = None, exact_eval: bool = False,
           started: float | None = None) -> TrainResult:
-    """Train the plan to plan.train.iters total iterations on `backend` (a name or a Backend).
+    """Train the plan on `backend` (a name or a Backend) up to its schedule's end (schedule.py):
+    plan.train.iters total iterations, or what fits its time budget, or an early stop.
     `stop_after`: stop as a signal would, after that many total iterations (for scripted runs
     and tests). `progress`: a bar (None: when stderr is a terminal). `world`: the ranks of an
     MPI job (distributed.open_world); None: this process alone. The last evaluation also

@@ -78,12 +78,11 @@ def runs(tmp_path_factory):
         path = draw(run, out)
         pictures.append((len(plot.read_metrics(run)), imread(path)))
         return path
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("RANDYGPT_NO_PLOT", raising=False)
-        mp.setattr(plot, "write_run_picture", recording)
-        run_tiny(root / "fast")
-        mp.undo()
-        mp.delenv("RANDYGPT_NO_PLOT", raising=False)
+    with pytest.MonkeyPatch.context() as drawing:      # (the autouse fixture is per test)
+        drawing.delenv("RANDYGPT_NO_PLOT", raising=False)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(plot, "write_run_picture", recording)
+            run_tiny(root / "fast")
         run_tiny(root / "slow", lr=5e-4)
     return root / "fast", root / "slow", pictures
 
