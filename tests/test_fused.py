@@ -178,6 +178,31 @@ def test_kernel_choice_keeps_the_faster_and_near_ties_go_to_openblas(own_s, winn
     assert list(again.ran.values()) == [winner]
 
 
+@pytest.mark.parametrize("own_s, deep_timed", [(1.6, False), (1.2, True)])
+def test_the_deep_kernel_is_not_compiled_where_the_row_kernel_lost_everywhere(
+        own_s, deep_timed, monkeypatch, tmp_path):
+    timer = FakeTimer(1.0, own_s, monkeypatch)
+    deep_calls = []
+    real_deep = sgemm.sgemm_deep
+    monkeypatch.setattr(sgemm, "sgemm_deep", lambda *a: deep_calls.append(1) or real_deep(*a))
+    choice = choose.KernelChoice("auto", path=str(tmp_path / "kernels.json"), timer=timer)
+    backend = contract.get_backend("fused", kernels=choice)
+    x = normal(4, 130, 128)
+    for out_dim in (256, 320, 384):                   # three row products, each timed
+        backend.linear_forward(x, normal(128, out_dim))
+    assert choice.own_row_kernel_hopeless() == (not deep_timed)
+    w = normal(128, 256)
+    dout = normal(4, 130, 256)
+    dx, dw = backend.linear_backward(dout, (x, w))       # a rows and a deep product
+    close(dw, x.reshape(-1, 128).T @ dout.reshape(-1, 256), np.float32)
+    deep = [d for k, d in choice.decisions.items() if k.startswith("deep ")]
+    assert len(deep) == 1 and deep[0]["kernel"] == "blas"
+    assert (deep[0]["own_s"] is not None) == deep_timed
+    assert bool(deep_calls) == deep_timed                 # not even the 2 x 2 trial
+    assert ("own_skipped" in deep[0]) == (not deep_timed)
+    assert any("not timed" in line for line in choice.summary()) == (not deep_timed)
+
+
 def test_kernel_choice_survives_a_bad_decision_file_and_a_broken_own_kernel(monkeypatch,
                                                                             tmp_path):
     path = tmp_path / "kernels.json"

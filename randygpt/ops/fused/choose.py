@@ -20,7 +20,11 @@ the fastest of each counts, to keep that rare).
     RANDYGPT_OWN_SGEMM=0                           the older switch, same as blas
 
 The own kernels are candidates only where they compile and run here (tried once, on a 2 x 2
-product); an own kernel that fails is never chosen.
+product); an own kernel that fails is never chosen. The weight-gradient kernel (sgemm_deep)
+is not even compiled (~5 s of a first run) where the row kernel took HOPELESS times
+OpenBLAS's time or more on every one of at least 3 product shapes already timed: the two
+share their register block, and on such a machine (an Intel Xeon with AVX-512 measured 2.6-
+4.2x) it never won either. Forward products come first in a step, so those timings exist.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ MODES = ("auto", "blas", "own")
 MARGIN = 0.10            # the own kernel must take <= 90% of OpenBLAS's time to be chosen
 SMALL_FLOPS = 1 << 21    # 2 M K N below this: OpenBLAS, untimed
 REPEATS = 5              # timed calls per candidate (after one warm-up); the minimum counts
+HOPELESS = 1.5           # the own row kernel this many times slower everywhere: no deep kernel
 
 
 def mode_from_environment(environ=os.environ) -> str:
@@ -129,7 +134,7 @@ class KernelChoice:
         self.decisions: dict[str, dict] = {}           # shape key -> {"kernel", times}
         self.ran: dict[str, str] = {}                   # shape key -> kernel, this process
         self._loaded = False
-        self._own_works = None
+        self._own_works: dict[str, bool] = {}         # kind -> compiles and is right here
         self._lock = threading.Lock()
 
     def __repr__(self):
@@ -157,29 +162,40 @@ class KernelChoice:
         blas = lambda: np.matmul(a, b, out=out)                               # noqa: E731
         own_fn = sgemm.sgemm if kind == "rows" else sgemm.sgemm_deep
         own = lambda: own_fn(a, b, out)                                       # noqa: E731
-        if self.own_works():
+        skipped = kind == "deep" and self.own_row_kernel_hopeless()
+        if not skipped and self.own_works(kind):
             t_blas, t_own = self.timer([blas, own])
         else:
             t_blas, t_own = self.timer([blas])[0], float("inf")
         winner = "own" if t_own <= (1 - MARGIN) * t_blas else "blas"
         decision = {"kernel": winner, "blas_s": t_blas,
                     "own_s": None if t_own == float("inf") else t_own}
+        if skipped:
+            decision["own_skipped"] = f"the own row kernel took >= {HOPELESS}x OpenBLAS's time"
         self.decisions[key] = decision
         self._save(key, decision)
         return decision
 
-    def own_works(self) -> bool:
-        """Whether the own kernels compile and give the right answer on this machine."""
-        if self._own_works is None:
+    def own_works(self, kind: str = "rows") -> bool:
+        """Whether the own kernel for `kind` compiles and gives the right answer here."""
+        if kind not in self._own_works:
             try:
                 from . import sgemm
                 a = np.array([[1, 2], [3, 4]], np.float32)
-                ok = (sgemm.sgemm(a, a) == a @ a).all() and \
-                    (sgemm.sgemm_deep(a, a, np.empty((2, 2), np.float32)) == a @ a).all()
-                self._own_works = bool(ok)
+                got = sgemm.sgemm(a, a) if kind == "rows" else \
+                    sgemm.sgemm_deep(a, a, np.empty((2, 2), np.float32))
+                self._own_works[kind] = bool((got == a @ a).all())
             except Exception:
-                self._own_works = False
-        return self._own_works
+                self._own_works[kind] = False
+        return self._own_works[kind]
+
+    def own_row_kernel_hopeless(self) -> bool:
+        """The own row kernel took >= HOPELESS x OpenBLAS's time on each of >= 3 shapes timed
+        (with these thread counts): its deep twin is then not worth compiling or timing."""
+        suffix = f" threads {'/'.join(map(str, _threads()))}"
+        timed = [d for k, d in self.decisions.items()
+                 if k.startswith("rows ") and k.endswith(suffix) and d.get("own_s")]
+        return len(timed) >= 3 and all(d["own_s"] >= HOPELESS * d["blas_s"] for d in timed)
 
     # ---- on disk: {machine key: {shape key: decision}} -------------------------------------
     def _read(self) -> dict:
@@ -218,6 +234,7 @@ class KernelChoice:
         for key, kernel in sorted(self.ran.items()):
             d = self.decisions.get(key, {})
             times = "" if not d else f"  (OpenBLAS {d['blas_s'] * 1e3:.3f} ms, own " + (
-                "n/a" if d.get("own_s") is None else f"{d['own_s'] * 1e3:.3f} ms") + ")"
+                ("not timed" if d.get("own_skipped") else "n/a") if d.get("own_s") is None
+                else f"{d['own_s'] * 1e3:.3f} ms") + ")"
             lines.append(f"{key}: {kernel}{times}")
         return lines

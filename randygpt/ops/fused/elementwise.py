@@ -70,10 +70,15 @@ def fast_exp(x):
 
 @jit
 def _embedding_forward(wte, wpe, idx, out):
+    # element loops, not row expressions: those allocate a temporary per row and compile
+    # numba's shape-error messages (~3 s of a cold start)
     B, T = idx.shape
+    C = wte.shape[1]
     for b in range(B):
         for t in range(T):
-            out[b, t] = wte[idx[b, t]] + wpe[t]
+            row, pos, o = wte[idx[b, t]], wpe[t], out[b, t]
+            for c in range(C):
+                o[c] = row[c] + pos[c]
 
 
 def embedding_forward(wte, wpe, idx, *, empty=np.empty):
@@ -89,8 +94,10 @@ def _embedding_backward(dout, idx, dwte, dwpe):
     B, T, C = dout.shape
     for b in range(B):
         for t in range(T):
-            dwte[idx[b, t]] += dout[b, t]
-            dwpe[t] += dout[b, t]
+            d, row, pos = dout[b, t], dwte[idx[b, t]], dwpe[t]
+            for c in range(C):
+                row[c] += d[c]
+                pos[c] += d[c]
 
 
 def embedding_backward(dout, cache):
