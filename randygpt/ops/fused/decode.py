@@ -243,8 +243,9 @@ def _attend(row, a0, o0, kc, vc, p, n_head, hs, zero):
     for h in range(n_head):
         q = row[a0 + h * hs:a0 + (h + 1) * hs]
         K, V = kc[h], vc[h]                                 # (T, hs)
-        K[p, :] = row[a0 + Cq + h * hs:a0 + Cq + (h + 1) * hs]
-        V[p, :] = row[a0 + 2 * Cq + h * hs:a0 + 2 * Cq + (h + 1) * hs]
+        for d in range(hs):               # element loops: a slice assignment compiles numba's
+            K[p, d] = row[a0 + Cq + h * hs + d]          # shape-error messages (~4 s cold)
+            V[p, d] = row[a0 + 2 * Cq + h * hs + d]
         top = -np.inf
         for t in range(p + 1):
             dot = zero
@@ -256,9 +257,11 @@ def _attend(row, a0, o0, kc, vc, p, n_head, hs, zero):
         for t in range(p + 1):
             scores[t] = math.exp(scores[t] - top)
             total += scores[t]
-        acc[:] = 0
+        for d in range(hs):
+            acc[d] = zero
         for t in range(p + 1):
             wt = scores[t] / total
             for d in range(hs):
                 acc[d] += wt * V[t, d]
-        row[o0 + h * hs:o0 + (h + 1) * hs] = acc
+        for d in range(hs):
+            row[o0 + h * hs + d] = acc[d]
