@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
+import struct
 import sys
 import threading
 import time
@@ -113,7 +115,7 @@ class MPIWorld(World):
                     f"randygpt: error: rank {self.rank}: no answer from the other ranks for "
                     f"{self.timeout:.0f} s during {waiting[0]}: a rank has died or hangs; "
                     "ending the job (the last checkpoint is kept)\n")
-                sys.stderr.flush()
+                _let_the_launcher_read_the_output()
                 self.comm.Abort(3)
 
     # -- per step ------------------------------------------------------------------------------
@@ -183,9 +185,36 @@ class MPIWorld(World):
         raise error
 
     def abort(self, code: int) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _let_the_launcher_read_the_output()
         self.comm.Abort(code)
+
+
+def _let_the_launcher_read_the_output(limit: float = 5.0) -> None:
+    """Flush stdout and stderr, then wait (at most `limit` s) until the launcher has read what
+    is still in them, when they are pipes: under mpiexec (hydra) they are pipes to its proxy,
+    which forwards them and MPI_Abort's request to mpiexec in whichever order it finds them
+    ready, and mpiexec exits as soon as it has the abort. So the line just written, still in
+    the pipe, was lost whenever the proxy saw both at once (often on a busy machine). Once
+    the pipe is empty the proxy has read the line, and it sends it on before it looks at the
+    abort."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        import fcntl
+        import termios
+    except ImportError:                   # not a POSIX system: nothing to ask
+        return
+    deadline = time.monotonic() + limit
+    for fd in (1, 2):
+        try:
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                continue
+            # FIONREAD on a pipe, either end: the bytes written and not yet read
+            while struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0] > 0 \
+                    and time.monotonic() < deadline:
+                time.sleep(0.01)
+        except OSError:
+            continue
 
 
 def open_world(timeout: float = DEFAULT_TIMEOUT, mpi: bool | None = None) -> World:

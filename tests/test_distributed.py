@@ -105,6 +105,37 @@ def test_one_process_world_needs_no_mpi():
     assert w.exchange(1.5, None) == (1.5, None)
 
 
+LAST_WORDS = """
+import sys
+from randygpt.distributed import _let_the_launcher_read_the_output
+sys.stderr.write("the last line\\n")
+_let_the_launcher_read_the_output()
+open(sys.argv[1], "w").close()       # what MPI_Abort would do next
+"""
+
+
+def test_last_words_wait_until_the_launcher_has_read_them(tmp_path):
+    # under mpiexec a rank's stderr is a pipe to the launcher, which drops what it has not
+    # read when the abort reaches it: the line must be read before the rank goes on to abort
+    done = tmp_path / "aborted"
+    p = subprocess.Popen([sys.executable, "-c", LAST_WORDS, str(done)], cwd=ROOT, env=_env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        import fcntl
+        import struct
+        import termios
+        while p.poll() is None and not struct.unpack(
+                "i", fcntl.ioctl(p.stderr.fileno(), termios.FIONREAD, b"\0" * 4))[0]:
+            time.sleep(0.01)                            # until the line is in the pipe
+        time.sleep(0.5)                                 # a launcher too busy to read it
+        assert not done.exists() and p.poll() is None   # the rank waits for it
+        assert p.stderr.readline() == b"the last line\n"
+        assert p.wait(timeout=60) == 0 and done.exists()  # and, once it is read, goes on
+    finally:
+        p.kill()
+        p.wait()
+
+
 # --------------------------------------------------------------------------------------------
 # mpiexec -n 2
 
