@@ -2,6 +2,7 @@
 fast path end to end: whole-model finite differences, a short training run, the fused AdamW,
 the thread policy."""
 import json
+import os
 import subprocess
 import sys
 
@@ -586,3 +587,33 @@ def test_uncached_names_kernels_until_their_float32_version_is_on_disk(tmp_path,
     module.double(np.ones(3, np.float32))
     assert jit.uncached([module]) == []
     assert contract.get_backend("fused").options["compile_seconds"]() >= 0
+
+
+def _compile_settings(env_extra):
+    code = ("import numba, json; from randygpt.ops.fused import jit, choose; "
+            "print(json.dumps([numba.config.CPU_NAME, numba.config.CPU_FEATURES, "
+            "choose.machine_key()]))")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "RANDYGPT_VECTOR_BITS")}
+    env.update(env_extra)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_512_bit_vectors_where_the_cpu_has_avx512_and_the_user_has_not_said_otherwise():
+    import llvmlite.binding as llvm
+    host = llvm.get_host_cpu_features().flatten()
+    has_avx512 = "+avx512f" in host.split(",")
+    r = _compile_settings({})
+    name, features, key = json.loads(r.stdout)
+    if has_avx512:                      # LLVM's preference for 256-bit vectors switched off
+        assert name == llvm.get_host_cpu_name() and features == host + ",-prefer-256-bit"
+        assert key.endswith("vectors 512-bit")
+    else:                               # nothing to change: numba's own host settings
+        assert name is None and features is None and key.endswith("vectors as LLVM tunes")
+    name, features, key = json.loads(_compile_settings({"RANDYGPT_VECTOR_BITS": "256"}).stdout)
+    assert name is None and features is None and key.endswith("vectors as LLVM tunes")
+    mine = _compile_settings({"NUMBA_CPU_FEATURES": host})      # the user's setting wins
+    assert json.loads(mine.stdout)[1] == host
+    bad = _compile_settings({"RANDYGPT_VECTOR_BITS": "1024"})
+    assert bad.returncode != 0 and "RANDYGPT_VECTOR_BITS='1024' is not a choice" in bad.stderr

@@ -87,7 +87,9 @@ def machine_key() -> str:
     import numba
     return " | ".join([cpu_model(), f"llvm target {llvm.get_host_cpu_name()}",
                        f"numpy {np.__version__}", f"numba {numba.__version__}", blas_name(),
-                       f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')}"])
+                       f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')}",
+                       "vectors " + ("512-bit" if "-prefer-256-bit" in str(numba.config.CPU_FEATURES)
+                                     else "as LLVM tunes")])
 
 
 def decision_file() -> str:
