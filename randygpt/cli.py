@@ -274,7 +274,7 @@ def cmd_export_tokenizer(args) -> int:
         out = os.path.join(out, "tokenizer.json")
     if os.path.exists(out) and not args.force:
         raise UserError(f"{out} already exists; pass --force to overwrite it, or another path")
-    tok = load_checkpoint(args.checkpoint).tokenizer
+    tok = load_checkpoint(args.checkpoint, optimizer=False).tokenizer
     export_tokenizer_json(tok, out)
     print(f"wrote {out}: {tok.kind} tokenizer, {tok.vocab_size} tokens "
           f"(BOS id {tok.bos_id}, EOS id {tok.eos_id})")
@@ -423,7 +423,7 @@ def _load_model(args):
     path = find_checkpoint(args.checkpoint, args.run)
     if args.checkpoint is None and args.run is None:
         print(f"randygpt {args.command}: using {path}", file=sys.stderr)
-    return load_checkpoint(path)
+    return load_checkpoint(path, optimizer=False)    # these commands use no optimizer state
 
 
 def _unescape(s: str) -> str:
