@@ -9,7 +9,7 @@
               sha256   = digest of that JSON and of every tensor's name, dtype, shape and bytes
               sha256_weights = the same digest without the AdamW moments (files that have
                          them): generation reads and checks the weights alone, a third of
-                         the bytes (older files, without it, are checked by sha256 whole)
+                         the bytes; a full load checks both (older files have sha256 only)
 
 safetensors never runs code on load (no pickle), and it checks the header's layout; the digest
 catches what it cannot: damaged bytes inside tensor data or inside the metadata. Writes are
@@ -367,8 +367,9 @@ def _read_info(header: dict, bad) -> dict:
     ours = ("format", "randygpt", "sha256")
     if not isinstance(meta, dict) or not any(k in meta for k in ours):
         raise bad("is a safetensors file but not a randyGPT checkpoint (no randygpt metadata)")
-    if (meta.get("format") != FORMAT_NAME or not all(isinstance(meta.get(k), str) for k in ours)
-            or not isinstance(meta.get("sha256_weights", ""), str)):
+    # exactly our keys (a damaged name must not hide the optional sha256_weights), all strings
+    if (meta.get("format") != FORMAT_NAME or not set(ours) <= set(meta) <= {*ours, "sha256_weights"}
+            or not all(isinstance(v, str) for v in meta.values())):
         raise bad("is corrupted: its randygpt metadata is damaged")
     try:
         info = json.loads(meta["randygpt"])
@@ -427,10 +428,15 @@ def _assemble(path, f, header, data_start, info, optimizer, bad) -> Checkpoint:
         f.seek(data_start + header[name]["data_offsets"][0])
         if f.readinto(memoryview(t).cast("B")) != t.nbytes:
             raise bad("is truncated (it changed while it was read?)")
-    digest = "sha256" if moments is not None or not has_moments else "sha256_weights"
-    if _digest(stored["randygpt"], tensors) != stored[digest]:
-        raise bad("is corrupted: its contents do not match the checksum stored in it "
-                  "(the file was damaged after it was written)")
+    # each digest whose bytes were all read is checked: a full load checks both of a
+    # training checkpoint's, so every byte of the file is covered
+    covers = {"sha256_weights": weights}
+    if moments is not None or not has_moments:
+        covers["sha256"] = tensors
+    for key, covered in covers.items():
+        if key in stored and _digest(stored["randygpt"], covered) != stored[key]:
+            raise bad("is corrupted: its contents do not match the checksum stored in it "
+                      "(the file was damaged after it was written)")
     if not optimizer:
         moments = None                  # an older file's were read for its digest only
     for name, t in sorted((weights if moments is None else tensors).items()):

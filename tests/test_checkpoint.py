@@ -142,6 +142,19 @@ def test_without_the_optimizer_only_the_weights_are_read_and_checked(run_dir):
             load_checkpoint(bad, optimizer=optimizer)
 
 
+def test_damage_to_either_digest_is_refused(run_dir):
+    """A flipped byte in a digest's name or value: the full load checks both digests (every
+    byte of the file stays covered); without the optimizer, sha256_weights is checked."""
+    raw, bad = (run_dir / "checkpoint.safetensors").read_bytes(), run_dir / "bad.safetensors"
+    for key in ("sha256_weights", "sha256"):
+        at = raw.index(f'"{key}":"'.encode())
+        for where in (at + 3, at + len(key) + 6):                  # in its name, its value
+            bad.write_bytes(_flip(raw, where))
+            for optimizer in (True, False) if key == "sha256_weights" else (True,):
+                with pytest.raises(UserError, match="corrupted"):
+                    load_checkpoint(bad, optimizer=optimizer)
+
+
 def test_a_file_without_the_weights_digest_is_checked_whole(run_dir):
     """A checkpoint written before sha256_weights existed has the full digest only: without
     the optimizer, its moments are read to check it, so a damaged moment is refused too."""
