@@ -7,9 +7,9 @@
   - 32 concurrent streams, each with its own sampling settings, in batched steps: aggregate
     tokens/s and the ratio to the single-stream figure of the same backend;
   - start-up: time from launching `randygpt generate` to the first byte of its output on
-    stdout (the first token's text), against a bare `python -c pass`, `import numpy.random`
-    (what any NumPy program pays first) and `import numba`; and the cold compile of the
-    fused decode step.
+    stdout (the first token's text), against the first byte of a bare `python -c print()`,
+    of `import numpy.random; print()` (what any NumPy program pays first) and of `import
+    numba; print()`; and the cold compile of the fused decode step.
 
     .venv/bin/python benchmarks/bench_generate.py [--preset small] [--tokens 1000]
         [--streams 32] [--launches 11] [--no-torch] [--startup-only]
@@ -100,8 +100,7 @@ def torch_rate(model, prompt_ids, n):
 
 
 def first_byte(argv, env):
-    """Seconds from starting `python argv` to the first byte it writes to stdout (or to its
-    exit, for a command that prints nothing)."""
+    """Seconds from starting `python argv` to the first byte it writes to stdout."""
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, bufsize=0, env=env, cwd=ROOT)
@@ -126,9 +125,10 @@ def startup(cfg, text, prompt, launches, tmp):
     commands = {
         "randygpt generate": (["-m", "randygpt", "generate", "--checkpoint", ckpt,
                                "--prompt", prompt, "--max-tokens", "50", "--seed", "0"], env),
-        "python -c pass": (["-c", "pass"], env),
-        "import numpy.random": (["-c", "import numpy.random"], numpy_env),
-        "import numba": (["-c", "import numba"], env),
+        # the baselines print a byte too: the time to it leaves out the interpreter's exit
+        "bare python": (["-c", "print()"], env),
+        "import numpy.random": (["-c", "import numpy.random; print()"], numpy_env),
+        "import numba": (["-c", "import numba; print()"], env),
     }
     for argv, e in commands.values():             # untimed: writes the bytecode
         first_byte(argv, e)
@@ -144,7 +144,7 @@ def print_startup(medians, fastest, launches):
     gen = medians["randygpt generate"]
     print(f"\nstart-up, median of {launches} launches each: `randygpt generate` (reference "
           f"path, a training checkpoint) first byte on stdout after {gen:.0f} ms (fastest "
-          f"{fastest:.0f}); `python -c pass` {medians['python -c pass']:.0f} ms, `import "
+          f"{fastest:.0f}); bare python {medians['bare python']:.0f} ms, `import "
           f"numpy.random` {medians['import numpy.random']:.0f} ms (randygpt's own part: "
           f"{gen - medians['import numpy.random']:.0f} ms), `import numba` "
           f"{medians['import numba']:.0f} ms")
