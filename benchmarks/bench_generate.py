@@ -6,11 +6,20 @@
     per token) when torch is installed;
   - 32 concurrent streams, each with its own sampling settings, in batched steps: aggregate
     tokens/s and the ratio to the single-stream figure of the same backend;
-  - start-up: time from launching `randygpt generate` to its first byte of output, against a
-    bare `python -c pass` and `import numba`; and the cold compile of the decode step.
+  - start-up: time from launching `randygpt generate` to the first byte of its output on
+    stdout (the first token's text), against the first byte of a bare `python -c print()`,
+    of `import numpy.random; print()` (what any NumPy program pays first) and of `import
+    numba; print()`; and the cold compile of the fused decode step.
 
     .venv/bin/python benchmarks/bench_generate.py [--preset small] [--tokens 1000]
-        [--streams 32] [--launches 5] [--no-torch]
+        [--streams 32] [--launches 11] [--no-torch] [--startup-only]
+
+The launches are fair to an installed randyGPT: the checkpoint is a training checkpoint
+(weights and AdamW moments, as `randygpt train` writes), every launch finds compiled
+bytecode (written once, by an untimed launch, into a private PYTHONPYCACHEPREFIX: with
+PYTHONDONTWRITEBYTECODE set and no __pycache__, each launch would compile randyGPT's
+sources again, ~70 ms), and the four commands take turns, so that a change in the
+machine's load falls on all of them.
 
 The weights are the preset's initialisation (speed does not depend on their values) and the
 tokenizer never ends a document, so every stream makes all of its tokens; only real tokens
@@ -36,6 +45,7 @@ from randygpt.checkpoint import save_checkpoint  # noqa: E402
 from randygpt.config import PRESETS, ModelConfig  # noqa: E402
 from randygpt.data import builtin_sample_text  # noqa: E402
 from randygpt.model import GPT  # noqa: E402
+from randygpt.optim import AdamW  # noqa: E402
 from randygpt.sample import SamplingConfig  # noqa: E402
 from randygpt.session import Session  # noqa: E402
 from randygpt.tokenizer import CharTokenizer  # noqa: E402
@@ -89,25 +99,55 @@ def torch_rate(model, prompt_ids, n):
         return n / (time.perf_counter() - t0), torch.get_num_threads()
 
 
-def launch(checkpoint, prompt, n):
-    """Start the real CLI: seconds to its first byte of output, and to its end."""
-    cmd = [sys.executable, "-m", "randygpt", "generate", "--checkpoint", checkpoint,
-           "--prompt", prompt, "--max-tokens", str(n), "--seed", "0"]
+def first_byte(argv, env):
+    """Seconds from starting `python argv` to the first byte it writes to stdout."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
-                            env=dict(os.environ, PYTHONPATH=ROOT))
+    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, bufsize=0, env=env, cwd=ROOT)
     first = proc.stdout.read(1)
     t_first = time.perf_counter() - t0
     proc.stdout.read()
-    if proc.wait() != 0 or not first:
-        sys.exit(f"randygpt generate failed: {proc.stderr.read().decode(errors='replace')}")
+    if proc.wait() != 0:
+        sys.exit(f"{argv} failed: {proc.stderr.read().decode(errors='replace')}")
     return t_first
 
 
-def seconds_of(code, env=None):
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
-    return time.perf_counter() - t0
+def startup(cfg, text, prompt, launches, tmp):
+    """Median ms to the first byte of `randygpt generate` and of its baselines, in turns."""
+    model = GPT(cfg, seed=0)
+    ckpt = os.path.join(tmp, "checkpoint.safetensors")
+    save_checkpoint(ckpt, model, CharTokenizer.from_text(text),
+                    AdamW(model.params.flat, model.decay_mask()))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(PYTHONPATH=ROOT, PYTHONPYCACHEPREFIX=os.path.join(tmp, "pycache"))
+    # randyGPT's thread settings (randygpt/threads.py) for the NumPy baseline too
+    numpy_env = dict(env, OMP_WAIT_POLICY="passive", OPENBLAS_THREAD_TIMEOUT="4")
+    commands = {
+        "randygpt generate": (["-m", "randygpt", "generate", "--checkpoint", ckpt,
+                               "--prompt", prompt, "--max-tokens", "50", "--seed", "0"], env),
+        # the baselines print a byte too: the time to it leaves out the interpreter's exit
+        "bare python": (["-c", "print()"], env),
+        "import numpy.random": (["-c", "import numpy.random; print()"], numpy_env),
+        "import numba": (["-c", "import numba; print()"], env),
+    }
+    for argv, e in commands.values():             # untimed: writes the bytecode
+        first_byte(argv, e)
+    times = {name: [] for name in commands}
+    for _ in range(launches):
+        for name, (argv, e) in commands.items():
+            times[name].append(first_byte(argv, e))
+    medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return medians, min(times["randygpt generate"]) * 1e3
+
+
+def print_startup(medians, fastest, launches):
+    gen = medians["randygpt generate"]
+    print(f"\nstart-up, median of {launches} launches each: `randygpt generate` (reference "
+          f"path, a training checkpoint) first byte on stdout after {gen:.0f} ms (fastest "
+          f"{fastest:.0f}); bare python {medians['bare python']:.0f} ms, `import "
+          f"numpy.random` {medians['import numpy.random']:.0f} ms (randygpt's own part: "
+          f"{gen - medians['import numpy.random']:.0f} ms), `import numba` "
+          f"{medians['import numba']:.0f} ms")
 
 
 def main():
@@ -115,8 +155,11 @@ def main():
     ap.add_argument("--preset", default="small", choices=list(PRESETS))
     ap.add_argument("--tokens", type=int, default=1000, help="tokens per stream")
     ap.add_argument("--streams", type=int, default=32, help="concurrent streams")
-    ap.add_argument("--launches", type=int, default=5, help="CLI launches for the first token")
+    ap.add_argument("--launches", type=int, default=11,
+                    help="CLI launches for the first token (median)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
+    ap.add_argument("--startup-only", action="store_true",
+                    help="measure the start-up only (no generation speed, no compile)")
     args = ap.parse_args()
     print(describe())
     set_blas_threads(1)
@@ -124,6 +167,11 @@ def main():
     tok = CharTokenizer.from_text(text)
     tok.eos_id = -1                               # never sampled: every stream runs to length
     prompt = text[:32]
+    if args.startup_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            print_startup(*startup(model_of(args.preset, tok, "reference").cfg, text, prompt,
+                                   args.launches, tmp), args.launches)
+        return
     fused, ref = model_of(args.preset, tok, "fused"), model_of(args.preset, tok, "reference")
     ref.params.flat[...] = fused.params.flat
     cfg = fused.cfg
@@ -149,8 +197,6 @@ def main():
         print(f"  PyTorch nanoGPT-style, no cache ({peer[1]} threads): {peer[0]:,.0f} tokens/s "
               f"(fused single stream: {rows[1][1] / peer[0]:.1f}x)")
 
-    bare = statistics.median(seconds_of("pass") for _ in range(3))
-    numba_s = statistics.median(seconds_of("import numba") for _ in range(3))
     with tempfile.TemporaryDirectory() as tmp:
         code = ("import numpy as np, time; from randygpt.model import GPT, KVCache; "
                 "from randygpt.config import ModelConfig; "
@@ -164,13 +210,8 @@ def main():
                                     capture_output=True, text=True).stdout)
         warm = float(subprocess.run([sys.executable, "-c", code], env=env, check=True,
                                     capture_output=True, text=True).stdout)
-        ckpt = os.path.join(tmp, "checkpoint.safetensors")
-        save_checkpoint(ckpt, ref, CharTokenizer.from_text(text))
-        firsts = [launch(ckpt, prompt, 50) for _ in range(args.launches)]
-    print(f"\nstart-up: `randygpt generate` (reference path) first byte after median "
-          f"{statistics.median(firsts) * 1e3:.0f} ms (min {min(firsts) * 1e3:.0f}) of "
-          f"{args.launches} launches; bare `python -c pass` {bare * 1e3:.0f} ms, "
-          f"`import numba` {numba_s * 1e3:.0f} ms")
+    with tempfile.TemporaryDirectory() as tmp:
+        print_startup(*startup(cfg, text, prompt, args.launches, tmp), args.launches)
     print(f"fused decode step: first call {cold:.2f} s cold (compiling), {warm:.2f} s "
           f"with numba's disk cache")
 

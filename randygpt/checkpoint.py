@@ -7,6 +7,9 @@
                          fields (format_version, iter, train_config, optimizer_step,
                          best_val_loss, rng states, data, ...)
               sha256   = digest of that JSON and of every tensor's name, dtype, shape and bytes
+              sha256_weights = the same digest without the AdamW moments (files that have
+                         them): generation reads and checks the weights alone, a third of
+                         the bytes; a full load checks both (older files have sha256 only)
 
 safetensors never runs code on load (no pickle), and it checks the header's layout; the digest
 catches what it cannot: damaged bytes inside tensor data or inside the metadata. Writes are
@@ -21,7 +24,6 @@ import json
 import math
 import os
 import re
-import secrets
 import struct
 from dataclasses import dataclass, replace
 
@@ -29,7 +31,7 @@ import numpy as np
 
 from .config import ModelConfig, TrainConfig
 from .errors import UserError
-from .model import GPT, parameter_shapes
+from .model import GPT, FlatTensors, parameter_shapes
 from .ops.reference import array_module
 from .schedule import ScheduleState
 from .tokenizer import tokenizer_from_dict
@@ -41,6 +43,8 @@ BEST = "checkpoint_best.safetensors"
 _MOMENTS = ("adam.m.", "adam.v.")
 _RNG_KINDS = {"PCG64": np.random.PCG64}    # bit generators we will rebuild (never getattr by name)
 _MAX_HEADER = 100 << 20                    # safetensors' own limit on the JSON header
+_DTYPES = {"F64": "float64", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 @dataclass
@@ -207,9 +211,12 @@ def encode_checkpoint(model: GPT, tokenizer, optimizer=None,
         meta.optimizer_step = int(optimizer.step_count)
     info = dict(meta.to_json(), model_config=model.cfg.to_dict(), tokenizer=tokenizer.to_dict())
     info_json = json.dumps(info, sort_keys=True, allow_nan=False)
+    digests = {"sha256": _digest(info_json, tensors)}
+    if optimizer is not None:
+        weights = {k: t for k, t in tensors.items() if not k.startswith(_MOMENTS)}
+        digests["sha256_weights"] = _digest(info_json, weights)
     from safetensors.numpy import save
-    return save(tensors, metadata={"format": FORMAT_NAME, "randygpt": info_json,
-                                   "sha256": _digest(info_json, tensors)})
+    return save(tensors, metadata={"format": FORMAT_NAME, "randygpt": info_json, **digests})
 
 
 def save_checkpoint(path, model: GPT, tokenizer, optimizer=None,
@@ -220,6 +227,7 @@ def save_checkpoint(path, model: GPT, tokenizer, optimizer=None,
 def write_atomic(path, data: bytes) -> None:
     """Write data to path so that path holds either its old bytes or all the new ones."""
     path = os.fspath(path)
+    import secrets
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-"
                                   f"{secrets.token_hex(4)}")
@@ -282,9 +290,11 @@ def _pid_alive(pid: int) -> bool:
 # ---------------------------------------------------------------------------------------------
 # reading
 
-def load_checkpoint(path) -> Checkpoint:
+def load_checkpoint(path, optimizer: bool = True) -> Checkpoint:
     """Read and validate a checkpoint; any problem is a UserError naming the file and the fault.
-    A directory means the checkpoint.safetensors inside it."""
+    A directory means the checkpoint.safetensors inside it. optimizer=False: the weights,
+    tokenizer and metadata only (generate, eval, serve); the AdamW moments, two thirds of a
+    training checkpoint, are then not read and optimizer_state is None."""
     path = os.fspath(path)
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, LATEST)):
@@ -292,53 +302,52 @@ def load_checkpoint(path) -> Checkpoint:
         path = os.path.join(path, LATEST)
     if not os.path.exists(path):
         raise UserError(f"checkpoint {path!r} does not exist")
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise UserError(f"checkpoint {path!r} cannot be read: {e.strerror}") from None
 
     def bad(what):
         return UserError(f"checkpoint {path!r} {what}")
 
-    header, data_start = _read_header(data, bad)
-    info = _read_info(header, bad)
     try:
-        from safetensors.numpy import load
-        tensors = load(data)
-    except Exception as e:       # safetensors raises its own error type for every layout fault
-        raise bad(f"is corrupted ({str(e).splitlines()[0]})") from None
-    if _digest(header["__metadata__"]["randygpt"], tensors) != header["__metadata__"]["sha256"]:
-        raise bad("is corrupted: its contents do not match the checksum stored in it "
-                  "(the file was damaged after it was written)")
-    try:
-        return _assemble(path, info, tensors, bad)
-    except UserError as e:
-        if path in str(e):
-            raise
-        raise bad(f"is invalid: {e}") from None
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise bad(f"has malformed metadata ({type(e).__name__}: {e})") from None
+        with open(path, "rb") as f:
+            header, data_start = _read_header(f, os.fstat(f.fileno()).st_size, bad)
+            info = _read_info(header, bad)
+            try:
+                from safetensors import safe_open
+                safe_open(path, framework="numpy")     # checks the layout; reads no tensor
+            except Exception as e:   # safetensors raises its own error type for every fault
+                raise bad(f"is corrupted ({str(e).splitlines()[0]})") from None
+            try:
+                return _assemble(path, f, header, data_start, info, optimizer, bad)
+            except UserError as e:
+                if path in str(e):
+                    raise
+                raise bad(f"is invalid: {e}") from None
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise bad(f"has malformed metadata ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        raise UserError(f"checkpoint {path!r} cannot be read: {e.strerror or e}") from None
 
 
-def _read_header(data: bytes, bad) -> tuple[dict, int]:
-    if len(data) == 0:
+def _read_header(f, size: int, bad) -> tuple[dict, int]:
+    """The safetensors JSON header of the open file f of `size` bytes, and where the tensor
+    data begins; every way a file can fail to be a safetensors file is named."""
+    start = f.read(9)
+    if size == 0:
         raise bad("is empty (0 bytes); use another checkpoint")
-    if data[:4] == b"PK\x03\x04":
+    if start[:4] == b"PK\x03\x04":
         raise bad("is a zip archive (a PyTorch .pt file?), not a randyGPT safetensors checkpoint")
-    if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+    if start[:1] == b"\x80" and start[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         raise bad("is a Python pickle, not a randyGPT checkpoint; "
                   "randyGPT never loads pickles (they can run code)")
-    if len(data) < 8:
-        raise bad(f"is only {len(data)} bytes long: it is truncated or not a checkpoint")
-    (n,) = struct.unpack("<Q", data[:8])
-    if not data[8:9] == b"{" or n > _MAX_HEADER:
+    if size < 8:
+        raise bad(f"is only {size} bytes long: it is truncated or not a checkpoint")
+    (n,) = struct.unpack("<Q", start[:8])
+    if not start[8:9] == b"{" or n > _MAX_HEADER:
         raise bad("is not a safetensors file (no valid header): it is corrupted or not a "
                   "randyGPT checkpoint")
-    if 8 + n > len(data):
-        raise bad(f"is truncated ({len(data)} bytes; its header alone needs {8 + n})")
+    if 8 + n > size:
+        raise bad(f"is truncated ({size} bytes; its header alone needs {8 + n})")
     try:
-        header = json.loads(data[8:8 + n])
+        header = json.loads(start[8:] + f.read(n - 1))
     except (UnicodeDecodeError, ValueError):
         raise bad("is corrupted: its safetensors header is not valid JSON") from None
     if not isinstance(header, dict):
@@ -348,8 +357,8 @@ def _read_header(data: bytes, bad) -> tuple[dict, int]:
                   default=0)
     except (KeyError, IndexError, TypeError, ValueError):
         end = 0
-    if 8 + n + end > len(data):
-        raise bad(f"is truncated ({len(data)} bytes; it should have {8 + n + end})")
+    if 8 + n + end > size:
+        raise bad(f"is truncated ({size} bytes; it should have {8 + n + end})")
     return header, 8 + n
 
 
@@ -358,7 +367,9 @@ def _read_info(header: dict, bad) -> dict:
     ours = ("format", "randygpt", "sha256")
     if not isinstance(meta, dict) or not any(k in meta for k in ours):
         raise bad("is a safetensors file but not a randyGPT checkpoint (no randygpt metadata)")
-    if meta.get("format") != FORMAT_NAME or not all(isinstance(meta.get(k), str) for k in ours):
+    # exactly our keys (a damaged name must not hide the optional sha256_weights), all strings
+    if (meta.get("format") != FORMAT_NAME or not set(ours) <= set(meta) <= {*ours, "sha256_weights"}
+            or not all(isinstance(v, str) for v in meta.values())):
         raise bad("is corrupted: its randygpt metadata is damaged")
     try:
         info = json.loads(meta["randygpt"])
@@ -373,7 +384,9 @@ def _read_info(header: dict, bad) -> dict:
     return info
 
 
-def _assemble(path, info, tensors, bad) -> Checkpoint:
+def _assemble(path, f, header, data_start, info, optimizer, bad) -> Checkpoint:
+    """The Checkpoint of a file whose header and metadata are read: each tensor is read
+    straight from f into its place (the model's buffer, the moments' buffers), then checked."""
     if not isinstance(info.get("model_config"), dict):
         raise bad("has no model configuration in its metadata")
     mcfg = ModelConfig.from_dict(info["model_config"])
@@ -384,33 +397,57 @@ def _assemble(path, info, tensors, bad) -> Checkpoint:
         raise bad(f"is inconsistent: its tokenizer has {tokenizer.vocab_size} tokens but its "
                   f"model config says vocab_size {mcfg.vocab_size}")
     expected = dict(parameter_shapes(mcfg))
-    has_moments = any(k.startswith(_MOMENTS) for k in tensors)
+    names = [k for k in header if k != "__metadata__"]
+    has_moments = any(k.startswith(_MOMENTS) for k in names)
     wanted = set(expected) | ({p + n for p in _MOMENTS for n in expected} if has_moments else set())
-    missing, extra = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
+    missing, extra = sorted(wanted - set(names)), sorted(set(names) - wanted)
     if missing:
         raise bad(f"lacks tensor(s) {', '.join(missing[:5])}")
     if extra:
         raise bad(f"has unexpected tensor(s) {', '.join(extra[:5])} for its model config")
     for name in sorted(wanted):
+        entry = header[name]
         shape = expected[name.split(".", 2)[2] if name.startswith(_MOMENTS) else name]
-        t = tensors[name]
-        if t.shape != shape:
-            raise bad(f"has tensor {name} of shape {tuple(t.shape)}, but its model config needs "
-                      f"{shape}")
-        if t.dtype != np.float32:
-            raise bad(f"has tensor {name} of dtype {t.dtype}; randyGPT checkpoints are float32")
+        if tuple(entry["shape"]) != shape:
+            raise bad(f"has tensor {name} of shape {tuple(entry['shape'])}, but its model "
+                      f"config needs {shape}")
+        if entry["dtype"] != "F32":
+            raise bad(f"has tensor {name} of dtype {_DTYPES.get(entry['dtype'], entry['dtype'])}"
+                      "; randyGPT checkpoints are float32")
+
+    model = GPT(mcfg, seed=None)
+    weights = {name: model.params[name] for name in expected}
+    tensors = dict(weights)
+    # the moments are read where they are wanted, or where the only digest covers them
+    stored = header["__metadata__"]
+    moments = None
+    if has_moments and (optimizer or "sha256_weights" not in stored):
+        moments = [FlatTensors(model.params.shapes, np.float32) for _ in _MOMENTS]
+        tensors.update({p + n: buf[n] for p, buf in zip(_MOMENTS, moments) for n in expected})
+    for name, t in tensors.items():
+        f.seek(data_start + header[name]["data_offsets"][0])
+        if f.readinto(memoryview(t).cast("B")) != t.nbytes:
+            raise bad("is truncated (it changed while it was read?)")
+    # each digest whose bytes were all read is checked: a full load checks both of a
+    # training checkpoint's, so every byte of the file is covered
+    covers = {"sha256_weights": weights}
+    if moments is not None or not has_moments:
+        covers["sha256"] = tensors
+    for key, covered in covers.items():
+        if key in stored and _digest(stored["randygpt"], covered) != stored[key]:
+            raise bad("is corrupted: its contents do not match the checksum stored in it "
+                      "(the file was damaged after it was written)")
+    if not optimizer:
+        moments = None                  # an older file's were read for its digest only
+    for name, t in sorted((weights if moments is None else tensors).items()):
         if not np.isfinite(t).all():
             raise bad(f"has NaN or inf values in tensor {name} (the run that wrote it "
                       "diverged); use an earlier checkpoint")
-    model = GPT(mcfg, seed=None)
-    for name in expected:
-        model.params[name][...] = tensors[name]
     meta = CheckpointMeta.from_json(info)
     opt_state = None
-    if has_moments:
-        m, v = (np.concatenate([tensors[p + n].ravel() for n in model.params.names()])
-                for p in _MOMENTS)
-        opt_state = {"m": m, "v": v, "step": int(meta.optimizer_step or 0)}
+    if moments is not None:
+        opt_state = {"m": moments[0].flat, "v": moments[1].flat,
+                     "step": int(meta.optimizer_step or 0)}
     return Checkpoint(path, model, tokenizer, mcfg, meta, opt_state)
 
 

@@ -210,7 +210,7 @@ def export_hf(checkpoint_path: str, directory: str, force: bool = False) -> None
     from safetensors.numpy import save
 
     from .checkpoint import load_checkpoint, write_atomic
-    ckpt = load_checkpoint(checkpoint_path)
+    ckpt = load_checkpoint(checkpoint_path, optimizer=False)
     cfg, params = ckpt.model_config, ckpt.model.params
     if any(getattr(cfg, k) != v for k, v in GPT2_ARCH.items()):
         raise UserError(f"{checkpoint_path} is randyGPT's own architecture ({cfg.norm}, "

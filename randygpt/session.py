@@ -150,6 +150,13 @@ class Session:
 
     def step(self) -> list[Event]:
         """One token for every active stream (in stream order); finished streams leave."""
+        events, going = self._sample()
+        self._advance(going)
+        return events
+
+    def _sample(self) -> tuple[list[Event], list]:
+        """step's first half: each stream's token and its Event from the logits it has; the
+        (stream, token) pairs still going, whose next logits _advance computes."""
         events, going = [], []
         for s in sorted(self.active):
             st = self.active[s]
@@ -169,11 +176,13 @@ class Session:
                 events.append(Event(s, token, text))
                 going.append((s, token))
             events[-1].logprob = lp
+        return events, going
+
+    def _advance(self, going) -> None:
         if going:
             streams, tokens = zip(*going)
             for s, logits in zip(streams, self.feed(list(streams), list(tokens))):
                 self.active[s].logits = logits
-        return events
 
     def _finish(self, s, token, text, reason, flush=True) -> Event:
         st = self.active.pop(s)
@@ -215,8 +224,12 @@ def generate(model, tokenizer, prompt="", max_tokens: int = 200,
 
 
 def _drain(session: Session) -> Iterator[Event]:
+    # each Event goes out before the decode step after it: its text reaches the reader one
+    # step sooner (the first token's right after the prompt's prefill)
     while session.active:
-        yield from session.step()
+        events, going = session._sample()
+        yield from events
+        session._advance(going)
 
 
 def complete(model, tokenizer, prompt="", **kwargs) -> str:

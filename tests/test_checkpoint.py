@@ -112,6 +112,64 @@ def test_tensors_are_readable_by_plain_safetensors(run_dir):
     assert "adam.m.wte" in tensors and "adam.v.lm_head" in tensors
 
 
+def _data_offset(raw: bytes, name: str) -> int:
+    """Where tensor `name`'s bytes begin in a safetensors file's bytes."""
+    n = int.from_bytes(raw[:8], "little")
+    return 8 + n + json.loads(raw[8:8 + n])[name]["data_offsets"][0]
+
+
+def test_without_the_optimizer_only_the_weights_are_read_and_checked(run_dir):
+    """load_checkpoint(optimizer=False), as generate, eval and serve load: the same model,
+    tokenizer and metadata, no moments. A training checkpoint's sha256_weights covers all
+    but the moments, so a damaged moment goes unnoticed there (nothing uses it), and the
+    full load still refuses it; a damaged weight is refused by both."""
+    path = run_dir / "checkpoint.safetensors"
+    full, light = load_checkpoint(path), load_checkpoint(path, optimizer=False)
+    assert full.resumable and light.optimizer_state is None and not light.resumable
+    np.testing.assert_array_equal(light.model.params.flat, full.model.params.flat)
+    assert light.meta == full.meta and light.model_config == full.model_config
+    assert light.tokenizer.to_dict() == full.tokenizer.to_dict()
+
+    raw, bad = path.read_bytes(), run_dir / "bad.safetensors"
+    bad.write_bytes(_flip(raw, _data_offset(raw, "adam.v.wte") + 5))
+    with pytest.raises(UserError, match="do not match the checksum"):
+        load_checkpoint(bad)
+    np.testing.assert_array_equal(load_checkpoint(bad, optimizer=False).model.params.flat,
+                                  full.model.params.flat)
+    bad.write_bytes(_flip(raw, _data_offset(raw, "h.0.mlp.fc") + 5))
+    for optimizer in (True, False):
+        with pytest.raises(UserError, match="do not match the checksum"):
+            load_checkpoint(bad, optimizer=optimizer)
+
+
+def test_damage_to_either_digest_is_refused(run_dir):
+    """A flipped byte in a digest's name or value: the full load checks both digests (every
+    byte of the file stays covered); without the optimizer, sha256_weights is checked."""
+    raw, bad = (run_dir / "checkpoint.safetensors").read_bytes(), run_dir / "bad.safetensors"
+    for key in ("sha256_weights", "sha256"):
+        at = raw.index(f'"{key}":"'.encode())
+        for where in (at + 3, at + len(key) + 6):                  # in its name, its value
+            bad.write_bytes(_flip(raw, where))
+            for optimizer in (True, False) if key == "sha256_weights" else (True,):
+                with pytest.raises(UserError, match="corrupted"):
+                    load_checkpoint(bad, optimizer=optimizer)
+
+
+def test_a_file_without_the_weights_digest_is_checked_whole(run_dir):
+    """A checkpoint written before sha256_weights existed has the full digest only: without
+    the optimizer, its moments are read to check it, so a damaged moment is refused too."""
+    older = run_dir / "older.safetensors"
+    older.write_bytes(reencode(run_dir / "checkpoint.safetensors"))     # sha256 alone
+    raw = older.read_bytes()
+    assert b"sha256_weights" not in raw
+    good = load_checkpoint(older, optimizer=False)
+    assert good.optimizer_state is None
+    np.testing.assert_array_equal(good.model.params.flat, load_checkpoint(older).model.params.flat)
+    older.write_bytes(_flip(raw, _data_offset(raw, "adam.m.lm_head") + 5))
+    with pytest.raises(UserError, match="do not match the checksum"):
+        load_checkpoint(older, optimizer=False)
+
+
 def test_refuses_to_write_nan_weights(tmp_path):
     model = GPT(ModelConfig(vocab_size=5, block_size=4, n_layer=1, n_embd=8, n_head=2), seed=0)
     tok = CharTokenizer("abc")
@@ -280,8 +338,11 @@ def test_bad_file_is_one_clear_error_and_harms_nothing(run_dir, case, capsys):
     msg = str(e.value)
     assert str(bad) in msg and fragment in msg and "\n" not in msg, msg
 
-    for argv in (["info", str(bad)], ["info", str(bad), "--json"],
-                 ["train", "--resume", str(bad), "--iters", "30", "--no-progress"]):
+    commands = [["info", str(bad)], ["info", str(bad), "--json"],
+                ["train", "--resume", str(bad), "--iters", "30", "--no-progress"]]
+    if case != "inf-moment":          # generate reads no moment (the test above)
+        commands.append(["generate", "--checkpoint", str(bad), "--max-tokens", "3"])
+    for argv in commands:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(bad) in err[0] and fragment in err[0], err

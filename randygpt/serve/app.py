@@ -54,7 +54,7 @@ def create_app(checkpoint_or_model, tokenizer=None, *, model_id=None, api_key=No
     shutdown does)."""
     if isinstance(checkpoint_or_model, (str, os.PathLike)):
         from ..checkpoint import load_checkpoint
-        checkpoint_or_model = load_checkpoint(checkpoint_or_model)
+        checkpoint_or_model = load_checkpoint(checkpoint_or_model, optimizer=False)
     if tokenizer is None:                                  # a Checkpoint
         ckpt = checkpoint_or_model
         model, tokenizer = ckpt.model, ckpt.tokenizer
