@@ -85,11 +85,12 @@ def blas_name() -> str:
 def machine_key() -> str:
     import llvmlite.binding as llvm
     import numba
+
+    from . import jit
     return " | ".join([cpu_model(), f"llvm target {llvm.get_host_cpu_name()}",
                        f"numpy {np.__version__}", f"numba {numba.__version__}", blas_name(),
                        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')}",
-                       "vectors " + ("512-bit" if "-prefer-256-bit" in str(numba.config.CPU_FEATURES)
-                                     else "as LLVM tunes")])
+                       f"vectors {jit.vector_tuning()}"])
 
 
 def decision_file() -> str:

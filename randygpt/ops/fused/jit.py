@@ -48,6 +48,11 @@ def use_512_bit_vectors(environ=os.environ) -> bool:
     return True
 
 
+def vector_tuning() -> str:
+    """How this process's kernels are compiled, for choose.py's decision key."""
+    return "512-bit" if "-prefer-256-bit" in str(numba.config.CPU_FEATURES) else "as LLVM tunes"
+
+
 use_512_bit_vectors()
 
 # No nnan/ninf: a diverging run must still produce the inf/nan that train() checks for.
