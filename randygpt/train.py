@@ -265,12 +265,14 @@ def _train(plan, backend, sample_tokens, progress, log, stop_after, exact_eval,
                 tokens, train_time = tokens + real, train_time + seconds
             tok_s = tokens / train_time if train_time else first[0] / first[1]
             report.stepped(done, loss, lr, tok_s, real)
+            if share:      # rank 0's clock may end the run at this step: every rank must
+                schedule.share(world)    # agree before the evaluation (its collectives)
             if done % tcfg.eval_interval == 0 or schedule.done(done):
                 t_eval = time.perf_counter()
                 report.evaluate(done, lr, tok_s, final=schedule.done(done))
                 schedule.evaluated(time.perf_counter() - t_eval)
-            if share:                    # every rank takes rank 0's target, LR and stop
-                schedule.share(world)
+                if share:                # rank 0's plateau and early-stop decisions
+                    schedule.share(world)
             if signum is not None or done == stop_after:
                 report.signum = signum if signum is not None else report.signum
                 report.stop(done)
