@@ -518,6 +518,99 @@ def test_training_curve_fast_equals_reference(pool_everything):
     np.testing.assert_allclose(fast, ref, rtol=2e-4)
 
 
+@pytest.mark.parametrize("model_dtype", DTYPES)
+def test_training_curve_is_the_same_on_one_thread_and_on_all(model_dtype, monkeypatch,
+                                                            tmp_path):
+    # every parallel kernel forced to one thread, then to all: the same losses and weights,
+    # bit for bit (fixed chunks), so a thread decision never changes a run
+    import numba
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread here: nothing to compare")
+    runs = []
+    for mode in ("1", "all"):
+        choice = choose.ThreadChoice(mode, path=str(tmp_path / "kernels.json"))
+        monkeypatch.setattr(choose, "_THREAD_CHOICE", choice)
+        runs.append(train_losses(contract.get_backend("fused")))
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert runs[0][-1] < runs[0][0] - 0.5
+
+
+def test_thread_choice_keeps_one_thread_only_where_it_measured_faster(monkeypatch, tmp_path):
+    path = str(tmp_path / "kernels.json")
+    timings = {"rmsnorm_forward": (1.0, 2.0),          # (one thread, all): one wins
+               "squared_relu_forward": (0.95, 1.0),    # a near-tie: all
+               "attention_forward": (3.0, 1.0)}        # all wins
+    timed = []
+
+    def timer(fns):
+        name = timed[-1]
+        return list(timings[name])
+
+    class Kernel:                                       # stands in for a jit.ParallelKernel
+        def __init__(self, name):
+            self.__name__ = name
+
+        def dispatcher(self, *args):
+            pass
+
+    choice = choose.ThreadChoice("auto", path=path, timer=timer)
+    x = np.zeros((33, 128), np.float32)
+    for name in timings:
+        timed.append(name)
+        assert choice.threads(Kernel(name), (x, x, 1e-5), 2) == (
+            1 if name == "rmsnorm_forward" else 2)
+    assert sorted(choice.ran) == sorted(f"threads {n} size<=8192 of 2" for n in timings)
+    assert choice.threads(Kernel("rmsnorm_forward"), (np.zeros((50, 100)),), 2) == 1  # 5000
+    # a different size is a new decision; a new process reads them all without timing
+    timed.append("attention_forward")
+    assert choice.threads(Kernel("attention_forward"), (np.zeros((64, 384)),), 2) == 2
+    saved = choose.read_decisions(path)
+    assert {k: d["threads"] for k, d in saved.items()} == {
+        "threads rmsnorm_forward size<=8192 of 2": 1,
+        "threads squared_relu_forward size<=8192 of 2": 2,
+        "threads attention_forward size<=8192 of 2": 2,
+        "threads attention_forward size<=32768 of 2": 2}
+    again = choose.ThreadChoice("auto", path=path, timer=lambda fns: pytest.fail("timed"))
+    assert again.threads(Kernel("rmsnorm_forward"), (x,), 2) == 1
+    assert any("1: 1000000 us, all: 2000000 us" in line for line in choice.summary())
+    # forced either way, or one thread in all: no timing
+    for mode, want in (("1", 1), ("all", 2)):
+        forced = choose.ThreadChoice(mode, path=path, timer=lambda fns: pytest.fail("timed"))
+        assert forced.threads(Kernel("attention_forward"), (x,), 2) == want
+    assert again.threads(Kernel("new_kernel"), (x,), 1) == 1
+
+
+def test_thread_choice_times_copies_and_leaves_the_real_arrays_to_the_real_call(tmp_path,
+                                                                                monkeypatch):
+    # the timing runs write into copies: the kernel's in-place outputs are written once
+    import numba
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread here: nothing to choose")
+    choice = choose.ThreadChoice("auto", path=str(tmp_path / "kernels.json"))
+    monkeypatch.setattr(choose, "_THREAD_CHOICE", choice)
+    params, grads = normal(5000), normal(5000)
+    m, v = np.zeros_like(params), np.zeros_like(params)
+    want = params.copy()
+    AdamW(want, np.ones(5000, bool), 0.9, 0.99, weight_decay=0.0).step(grads, 1e-3)
+    AdamW(params, np.ones(5000, bool), 0.9, 0.99, weight_decay=0.0,
+          backend=fused).step(grads, 1e-3)
+    np.testing.assert_allclose(params, want, rtol=1e-6, atol=1e-9)   # one step, not seven
+    assert [k.split()[1] for k in choice.ran] == ["adamw"]
+    assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS   # restored
+
+
+def test_kernel_threads_from_the_environment(monkeypatch):
+    from randygpt.errors import UserError
+    for env, mode in (({}, "auto"), ({"RANDYGPT_KERNEL_THREADS": "1"}, "1"),
+                      ({"RANDYGPT_KERNEL_THREADS": " ALL"}, "all")):
+        assert choose.thread_mode_from_environment(env) == mode
+    monkeypatch.setenv("RANDYGPT_KERNEL_THREADS", "4")
+    monkeypatch.setattr(choose, "_THREAD_CHOICE", None)
+    with pytest.raises(UserError) as e:
+        contract.get_backend("fused")
+    assert "RANDYGPT_KERNEL_THREADS" in str(e.value) and "auto, all, 1" in str(e.value)
+
+
 # --------------------------------------------------------------------------------------------
 # Start-up and threads
 

@@ -59,6 +59,7 @@ def backend(kernels=None, buffer_pool=True, keep_freed_memory: bool = True,
         kernels = "own" if own_sgemm else "blas"
     if not isinstance(kernels, choose.KernelChoice):
         kernels = choose.KernelChoice(kernels)
+    choose.thread_choice()              # RANDYGPT_KERNEL_THREADS checked now, not mid-step
     pool = memory.SHARED if buffer_pool is True else buffer_pool
     if keep_freed_memory:
         threads.keep_freed_memory()

@@ -121,6 +121,38 @@ def _best_times(fns, repeats=REPEATS):
     return best
 
 
+def read_decisions(path) -> dict:
+    """This machine's decisions in the file at `path` ({machine key: {key: decision}})."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):                       # none yet, or unreadable: measure
+        return {}
+    mine = data.get(machine_key(), {}) if isinstance(data, dict) else {}
+    return mine if isinstance(mine, dict) else {}
+
+
+def save_decision(path, key, decision) -> None:
+    # read-merge-replace: another process's decisions survive; a lost race only means a
+    # shape is measured again. An unwritable cache keeps decisions in memory.
+    try:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            data = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            data = {}
+        data.setdefault(machine_key(), {})[key] = decision
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".kernels.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 class KernelChoice:
     """The fused backend's kernel decisions: `kernel(kind, a, b, out)` -> "blas" or "own".
     `ran`: the kernel each timed product shape ran in this process (for benchmarks); forced
@@ -200,36 +232,16 @@ class KernelChoice:
                  if k.startswith("rows ") and k.endswith(suffix) and d.get("own_s")]
         return len(timed) >= 3 and all(d["own_s"] >= HOPELESS * d["blas_s"] for d in timed)
 
-    # ---- on disk: {machine key: {shape key: decision}} -------------------------------------
-    def _read(self) -> dict:
-        try:
-            with open(self.path) as f:
-                data = json.load(f)
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):                  # none yet, or unreadable: measure
-            return {}
-
+    # ---- on disk ---------------------------------------------------------------------------
     def _load(self):
         if not self._loaded:
             self._loaded = True
-            mine = self._read().get(machine_key(), {})
+            mine = read_decisions(self.path)
             self.decisions.update({k: v for k, v in mine.items()
                                    if isinstance(v, dict) and v.get("kernel") in ("blas", "own")})
 
     def _save(self, key, decision):
-        # read-merge-replace: another process's decisions survive; a lost race only means a
-        # shape is measured again. An unwritable cache keeps decisions in memory.
-        try:
-            data = self._read()
-            data.setdefault(machine_key(), {})[key] = decision
-            folder = os.path.dirname(self.path)
-            os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".kernels.", suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
-        except OSError:
-            pass
+        save_decision(self.path, key, decision)
 
     def summary(self) -> list[str]:
         """One line per product shape this process ran: which kernel, and the timings."""
@@ -241,3 +253,107 @@ class KernelChoice:
                 else f"{d['own_s'] * 1e3:.3f} ms") + ")"
             lines.append(f"{key}: {kernel}{times}")
         return lines
+
+
+# --------------------------------------------------------------------------------------------
+# Threads per parallel kernel
+
+THREAD_MODES = ("auto", "all", "1")
+
+
+def thread_mode_from_environment(environ=os.environ) -> str:
+    mode = environ.get("RANDYGPT_KERNEL_THREADS", "").strip().lower() or "auto"
+    if mode not in THREAD_MODES:
+        from ...errors import UserError
+        raise UserError(f"RANDYGPT_KERNEL_THREADS={mode!r} is not a thread choice; use one of "
+                        f"{', '.join(THREAD_MODES)}", "backend")
+    return mode
+
+
+class ThreadChoice:
+    """How many threads each parallel kernel (jit.pjit) runs with: one, or all of numba's.
+
+    numba's thread pool sleeps between kernels (threads.py: OMP_WAIT_POLICY=passive, so that
+    it never spins beside OpenBLAS or another process), and waking it costs tens of
+    microseconds here: an rmsnorm of 33 rows took 53 us on 2 threads and 6.5 us on one (Intel
+    Xeon, 2 cores, KVM). How large a kernel must be before the second thread pays depends on
+    the machine, so it is measured: the first call of a kernel at a size (its largest array,
+    rounded up to a power of two) times it on copies of its arguments with one thread and
+    with all, interleaved, and keeps one thread only where it took <= 90% of the time
+    (near-ties keep all). Decisions share the kernel-decision file. Results do not depend on
+    the thread count (parallel loops run over fixed chunks: jit.CHUNKS), so neither do the
+    losses.
+
+        RANDYGPT_KERNEL_THREADS=auto (default) | all | 1     force either
+    """
+
+    def __init__(self, mode: str | None = None, path: str | None = None, timer=_best_times):
+        self.mode = thread_mode_from_environment() if mode is None else mode
+        if self.mode not in THREAD_MODES:
+            raise ValueError(f"thread mode {self.mode!r} is not one of {THREAD_MODES}")
+        self.path = decision_file() if path is None else path
+        self.timer = timer
+        self.decisions: dict[str, dict] = {}
+        self.ran: dict[str, int] = {}                   # key -> threads, this process
+        self._loaded = False
+        self._lock = threading.Lock()
+
+    def threads(self, kernel, args, all_threads: int) -> int:
+        """The thread count to call `kernel(*args)` with (1 or all_threads)."""
+        if all_threads <= 1 or self.mode == "1":
+            return 1
+        if self.mode == "all":
+            return all_threads
+        work = max((a.size for a in args if isinstance(a, np.ndarray)), default=1)
+        key = (f"threads {kernel.__name__} size<={1 << max(0, work - 1).bit_length()} "
+               f"of {all_threads}")
+        decision = self.decisions.get(key)
+        if decision is None:
+            with self._lock:
+                if not self._loaded:
+                    self._loaded = True
+                    self.decisions.update({k: v for k, v in read_decisions(self.path).items()
+                                           if k.startswith("threads ") and isinstance(v, dict)
+                                           and v.get("threads") in (1, all_threads)})
+                decision = self.decisions.get(key) or self._measure(key, kernel, args,
+                                                                     all_threads)
+        self.ran[key] = decision["threads"]
+        return decision["threads"]
+
+    def _measure(self, key, kernel, args, all_threads):
+        import numba
+        copies = [a.copy() if isinstance(a, np.ndarray) else a for a in args]  # outputs too
+
+        def run(n):
+            numba.set_num_threads(n)
+            try:
+                kernel.dispatcher(*copies)
+            finally:
+                numba.set_num_threads(all_threads)
+        t_one, t_all = self.timer([lambda: run(1), lambda: run(all_threads)])
+        decision = {"threads": 1 if t_one <= (1 - MARGIN) * t_all else all_threads,
+                    "one_s": t_one, "all_s": t_all}
+        self.decisions[key] = decision
+        save_decision(self.path, key, decision)
+        return decision
+
+    def summary(self) -> list[str]:
+        """One line per parallel kernel and size this process ran: its threads, the timings."""
+        lines = []
+        for key, n in sorted(self.ran.items()):
+            d = self.decisions.get(key, {})
+            times = f"  (1: {d['one_s'] * 1e6:.0f} us, all: {d['all_s'] * 1e6:.0f} us)" \
+                if "one_s" in d else ""
+            lines.append(f"{key}: {n}{times}")
+        return lines
+
+
+_THREAD_CHOICE: ThreadChoice | None = None
+
+
+def thread_choice() -> ThreadChoice:
+    """The process's ThreadChoice (numba's thread count is the process's, not a backend's)."""
+    global _THREAD_CHOICE
+    if _THREAD_CHOICE is None:
+        _THREAD_CHOICE = ThreadChoice()
+    return _THREAD_CHOICE

@@ -58,7 +58,38 @@ use_512_bit_vectors()
 # No nnan/ninf: a diverging run must still produce the inf/nan that train() checks for.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 jit = njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-pjit = njit(cache=True, fastmath=FASTMATH, error_model="numpy", parallel=True)
+_parallel_jit = njit(cache=True, fastmath=FASTMATH, error_model="numpy", parallel=True)
+
+
+class ParallelKernel:
+    """A parallel numba kernel, called with the thread count measured fastest on this machine
+    for its size (choose.ThreadChoice): for small arrays, waking numba's sleeping threads costs
+    more than the work. Attributes are the numba dispatcher's (its cache, signatures)."""
+
+    def __init__(self, dispatcher):
+        self.dispatcher = dispatcher
+        self.__name__ = dispatcher.__name__.lstrip("_")
+        self.__doc__ = dispatcher.__doc__
+
+    def __getattr__(self, name):
+        return getattr(self.dispatcher, name)
+
+    def __call__(self, *args):
+        from .choose import thread_choice
+        all_threads = numba.get_num_threads()           # the pool, or what a caller set
+        n = thread_choice().threads(self, args, all_threads)
+        if n == all_threads:
+            return self.dispatcher(*args)
+        numba.set_num_threads(n)
+        try:
+            return self.dispatcher(*args)
+        finally:
+            numba.set_num_threads(all_threads)
+
+
+def pjit(fn) -> ParallelKernel:
+    """A parallel kernel (prange loops), compiled once and cached on disk, threads chosen."""
+    return ParallelKernel(_parallel_jit(fn))
 
 CHUNKS = 16    # work chunks of parallel loops: fixed, so results do not depend on threads
 
@@ -90,22 +121,24 @@ def flat(x):
     return np.ascontiguousarray(x).reshape(-1)
 
 
+def on_disk(kernel, dtype="float32") -> bool:
+    """Whether numba's disk cache holds a `dtype` version of `kernel` for this CPU (so the
+    first call loads it instead of compiling). Reads the cache's index, numba's own format:
+    an index that cannot be read counts as cached, so at worst a notice is missed."""
+    cache = getattr(kernel, "_cache", None)
+    if cache is None or not hasattr(kernel, "targetctx"):
+        return True
+    try:
+        magic = kernel.targetctx.codegen().magic_tuple()
+        index = cache._cache_file._load_index()
+        return any(key[1] == magic and dtype in str(key[0]) for key in index)
+    except Exception:
+        return True
+
+
 def uncached(modules, dtype="float32") -> list:
     """The kernels of `modules` that numba's disk cache holds no `dtype` version of for this
-    CPU: what the first use will compile. (Reads the cache's index, numba's own format: a
-    kernel whose index cannot be read counts as cached, so at worst a notice is missed.)"""
-    cold = []
-    for module in modules:
-        for kernel in vars(module).values():
-            cache = getattr(kernel, "_cache", None)
-            if cache is None or not hasattr(kernel, "targetctx"):
-                continue
-            try:
-                magic = kernel.targetctx.codegen().magic_tuple()
-                index = cache._cache_file._load_index()
-                warm = any(key[1] == magic and dtype in str(key[0]) for key in index)
-            except Exception:
-                warm = True
-            if not warm:
-                cold.append(kernel)
-    return cold
+    CPU: what the first use will compile."""
+    return [kernel for module in modules for kernel in vars(module).values()
+            if getattr(kernel, "_cache", None) is not None and hasattr(kernel, "targetctx")
+            and not on_disk(kernel, dtype)]
