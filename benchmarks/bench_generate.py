@@ -175,6 +175,8 @@ def main():
     fused, ref = model_of(args.preset, tok, "fused"), model_of(args.preset, tok, "reference")
     ref.params.flat[...] = fused.params.flat
     cfg = fused.cfg
+    from randygpt.ops.fused import decode
+    decode.COMPILE_AFTER_S = 0            # the compiled step from the first token: its speed
     session_rate(fused, tok, prompt, 4, 2, 1)                         # compile / load first
     print(f"{args.preset}: {cfg.n_layer}L/{cfg.n_embd}d/{cfg.n_head}h, block {cfg.block_size}, "
           f"{fused.num_params:,} parameters; prompt {len(prompt)} chars; OpenBLAS 1 thread")
@@ -202,6 +204,7 @@ def main():
                 "from randygpt.config import ModelConfig; "
                 f"c = ModelConfig(vocab_size={cfg.vocab_size}, block_size={cfg.block_size}, "
                 f"n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, n_head={cfg.n_head}); "
+                "from randygpt.ops.fused import decode; decode.COMPILE_AFTER_S = 0; "
                 "m = GPT(c, backend='fused'); k = KVCache(c); m.prefill([1], k); "
                 "t = time.perf_counter(); m.decode(np.array([1]), k, [0]); "
                 "print(time.perf_counter() - t)")

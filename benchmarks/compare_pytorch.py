@@ -257,8 +257,11 @@ def worker(impl, config_name, warmup):
                 step_s=statistics.median(warm) if warm else first_step)
     kernels = getattr(step, "kernels", None)
     if kernels is not None:
+        from randygpt.ops.fused import choose
+        threads = choose.thread_choice()
         info["kernels"] = [f"{kernels.mode}: " + ("; ".join(kernels.summary())
-                                                  or f"every product on {kernels.mode}")]
+                                                  or f"every product on {kernels.mode}"),
+                           f"threads {threads.mode}: " + "; ".join(threads.summary())]
     if impl == "torch":
         import torch
         info.update(threads=torch.get_num_threads(),
@@ -324,6 +327,9 @@ def generation_worker(impl, n_tokens):
         from randygpt.session import generate
         from randygpt.tokenizer import CharTokenizer
         set_blas_threads(1)                       # as `randygpt generate` does
+        if impl == "fused":
+            from randygpt.ops.fused import decode
+            decode.COMPILE_AFTER_S = 0            # the compiled step from the first token
         tok = CharTokenizer("".join(chr(65 + i) for i in range(VOCAB - 2)))
         tok.eos_id = -1                           # never sampled: every run makes n tokens
         list(generate(model, tok, prompt, 4))     # compile / load kernels first

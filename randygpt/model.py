@@ -18,6 +18,7 @@ or one new position per stream (`decode`).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -314,10 +315,11 @@ class GPT:
             raise ValueError(f"a KV cache is full ({self.cfg.block_size} positions): slide "
                              "the window by prefilling its most recent tokens again")
         step = self._decode_step()
-        if step is not None:          # the fused backend: the same blocks, one compiled call
-            logits = step(self.params.flat, tokens, pos, streams, cache)
+        if step is not None and step.ready(self.dtype):   # the fused backend: the same blocks,
+            logits = step(self.params.flat, tokens, pos, streams, cache)   # one compiled call
             cache.lengths[streams] = pos + 1
             return logits
+        started = time.perf_counter()
         # the embedding of one position per stream: wte[token] + wpe[position]. Rows are
         # streams: (S, C) runs the same per-position ops as (B, T, C), as 2-D products.
         xp = self.xp                                                           # (S, C):
@@ -326,7 +328,10 @@ class GPT:
         for i in range(self.cfg.n_layer):
             x, _ = self.block_forward(x, i, kv=view)
         cache.lengths[streams] = pos + 1
-        return self.backend.to_host(self.head_forward(x))                      # (S, V)
+        logits = self.backend.to_host(self.head_forward(x))                    # (S, V)
+        if step is not None:          # op-by-op time counts toward compiling the step
+            step.charge(time.perf_counter() - started)
+        return logits
 
     def _decode_step(self):
         # a backend may compile decode from these blocks (fused: ops/fused/decode.py); traced

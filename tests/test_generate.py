@@ -27,6 +27,14 @@ BLOCK = 12
 BACKENDS = ["reference", "fused"]
 
 
+@pytest.fixture(autouse=True)
+def compiled_decode_from_the_first_token(monkeypatch):
+    # the fused backend's compiled step, not its op-by-op wait (decode.COMPILE_AFTER_S),
+    # is what these tests check on it
+    from randygpt.ops.fused import decode
+    monkeypatch.setattr(decode, "COMPILE_AFTER_S", 0.0)
+
+
 def make_model(dtype=np.float32, block=BLOCK, seed=3, backend="reference"):
     cfg = ModelConfig(vocab_size=TOK.vocab_size, block_size=block, n_layer=2, n_embd=32,
                       n_head=4, dropout=0.0)
@@ -95,6 +103,40 @@ def test_batched_decode_equals_each_stream_alone(backend):
             prompts[s].append(t)
             want = full_logits(model, prompts[s])[-1]
             np.testing.assert_allclose(logits[row], want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("compile_after_s, op_by_op_steps", [(1e-9, 1), (1e9, BLOCK - 1)])
+def test_the_compiled_step_waits_until_op_by_op_decoding_has_taken_its_compile_time(
+        compile_after_s, op_by_op_steps, monkeypatch):
+    # a first run's short sample: decoding op by op is cheaper than compiling (~6 s), so the
+    # step compiles only once op by op has taken COMPILE_AFTER_S (here: after the first step,
+    # or never); the logits are the forward pass's either way
+    from randygpt.ops.fused import decode
+    real_run, calls = decode._run, []
+
+    class Run:                                  # not compiled, not on disk: until called
+        signatures = []
+
+        def __call__(self, *args):
+            calls.append(1)
+            return real_run(*args)
+    monkeypatch.setattr(decode, "_run", Run())
+    monkeypatch.setattr(decode, "on_disk", lambda kernel, dtype: False)
+    monkeypatch.setattr(decode, "COMPILE_AFTER_S", compile_after_s)
+    model = make_model(backend="fused")
+    step = model._decode_step()
+    ids = random_ids(BLOCK, seed=4)
+    cache = KVCache(model.cfg)
+    got = [model.prefill(ids[:1], cache)[0]]
+    for t in range(1, BLOCK):
+        got.append(model.decode(np.array([ids[t]]), cache, [0])[0])
+        assert len(calls) == max(0, t - op_by_op_steps)
+    assert step.op_by_op_s > 0
+    np.testing.assert_allclose(np.array(got), full_logits(model, ids), rtol=1e-5, atol=1e-5)
+    # a step numba's disk cache holds is used from the first token
+    monkeypatch.setattr(decode, "on_disk", lambda kernel, dtype: True)
+    fresh = GPT(model.cfg, seed=None, backend=model.backend)
+    assert fresh._decode_step().ready(np.float32)
 
 
 def test_compiled_decode_equals_the_reference_ops_and_falls_back_without_a_kernel(
