@@ -710,3 +710,23 @@ def test_512_bit_vectors_where_the_cpu_has_avx512_and_the_user_has_not_said_othe
     assert json.loads(mine.stdout)[1] == host
     bad = _compile_settings({"RANDYGPT_VECTOR_BITS": "1024"})
     assert bad.returncode != 0 and "RANDYGPT_VECTOR_BITS='1024' is not a choice" in bad.stderr
+
+
+@pytest.mark.parametrize("timed_at, now, retimed", [(3.0, 0.2, True), (3.0, 1.5, False),
+                                                   (0.8, 0.2, False)])
+def test_a_decision_timed_on_a_busy_machine_is_timed_again_once_it_is_quiet(
+        timed_at, now, retimed, monkeypatch, tmp_path):
+    # loads per core; timed busy (> BUSY) and now quiet (< QUIET): timed again
+    path = str(tmp_path / "kernels.json")
+    x, w = normal(4, 130, 128), normal(128, 256)
+    monkeypatch.setattr(choose, "load_per_core", lambda: timed_at)
+    first = choose.KernelChoice("auto", path=path, timer=FakeTimer(1.0, 0.5, monkeypatch))
+    contract.get_backend("fused", kernels=first).linear_forward(x, w)
+    (decision,) = choose.read_decisions(path).values()
+    assert decision["kernel"] == "own" and decision["load_per_core"] == timed_at
+    monkeypatch.setattr(choose, "load_per_core", lambda: now)
+    timer = FakeTimer(1.0, 2.0, monkeypatch)                # now OpenBLAS is the faster
+    again = choose.KernelChoice("auto", path=path, timer=timer)
+    contract.get_backend("fused", kernels=again).linear_forward(x, w)
+    assert timer.calls == (["blas", "own"] if retimed else [])
+    assert list(again.ran.values()) == ["blas" if retimed else "own"]

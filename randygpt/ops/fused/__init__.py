@@ -32,10 +32,10 @@ COMPILE_SECONDS = 1.0     # per kernel, cold: an estimate (all ~20 took ~12 s on
 def compile_seconds(kernels: choose.KernelChoice, dtype="float32") -> float:
     """About how long a first training run will spend compiling kernels that numba's disk
     cache lacks (0 when every one is cached): the notice a first run prints. Kernels compile
-    lazily, on first use: the own sgemm only where it is timed or forced, the decode step
-    only when the run ends with a sample."""
+    lazily, on first use: the own sgemm only where it is timed or forced; the decode step
+    not for a short sample (decode.COMPILE_AFTER_S)."""
     from . import sgemm
-    modules = [elementwise, attention, optimizer, decode] + (
+    modules = [elementwise, attention, optimizer] + (
         [sgemm] if kernels.mode != "blas" else [])
     return COMPILE_SECONDS * len(jit.uncached(modules, dtype))
 

@@ -12,9 +12,11 @@ SMALL_FLOPS stay on OpenBLAS untimed (the own kernels start threads; at that siz
 win, and generation meets a new small shape at every batch size). Decisions are kept on disk
 (`decision_file`), keyed by what they depend on: CPU model and LLVM's target, NumPy, numba and
 BLAS versions, OPENBLAS_CORETYPE, both thread counts and the shape; later runs start at once.
-A decision stays until that file is deleted: one timed while other processes loaded the
-machine may be the wrong one for a quiet machine (the candidates' calls are interleaved, and
-the fastest of each counts, to keep that rare).
+A decision stays until that file is deleted, with one exception: each records the load per
+core when it was timed, and one timed on a busy machine (load per core > BUSY) is timed
+again by the first process that starts on a quiet one (< QUIET). Under load the candidates'
+calls are interleaved and the fastest of each counts, which keeps a wrong choice rare, but
+not impossible.
 
     RANDYGPT_SGEMM=auto (default) | blas | own     force either (own: every float32 product)
     RANDYGPT_OWN_SGEMM=0                           the older switch, same as blas
@@ -121,18 +123,38 @@ def _best_times(fns, repeats=REPEATS):
     return best
 
 
+def load_per_core() -> float:
+    """The 1-minute load average over the cores: > 1 means other work waited for a core."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:
+        return 0.0
+
+
+BUSY, QUIET = 1.0, 0.5    # load per core: a decision timed above BUSY is re-timed below QUIET
+
+
 def read_decisions(path) -> dict:
-    """This machine's decisions in the file at `path` ({machine key: {key: decision}})."""
+    """This machine's decisions in the file at `path` ({machine key: {key: decision}}). A
+    decision timed while the machine was busy (other processes took the candidates' cores,
+    and the one that lost may only have waited longer) is left out when the machine is now
+    quiet, so it is timed again; on a busy machine it stands."""
     try:
         with open(path) as f:
             data = json.load(f)
     except (OSError, ValueError):                       # none yet, or unreadable: measure
         return {}
     mine = data.get(machine_key(), {}) if isinstance(data, dict) else {}
-    return mine if isinstance(mine, dict) else {}
+    if not isinstance(mine, dict):
+        return {}
+    if load_per_core() < QUIET:
+        mine = {k: d for k, d in mine.items()
+                if not (isinstance(d, dict) and d.get("load_per_core", 0) > BUSY)}
+    return mine
 
 
 def save_decision(path, key, decision) -> None:
+    decision = dict(decision, load_per_core=round(load_per_core(), 2))
     # read-merge-replace: another process's decisions survive; a lost race only means a
     # shape is measured again. An unwritable cache keeps decisions in memory.
     try:
