@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/compare_pytorch.py [--configs A B] [--rounds 5]
         [--round-seconds 4] [--no-reference] [--no-generation] [--no-startup]
-    .venv/bin/python benchmarks/compare_pytorch.py --ablation [--configs A] [--rounds 5]
+    .venv/bin/python benchmarks/compare_pytorch.py --ablation [--ablations kernel-threads ...]
+        [--configs A] [--rounds 5]
         (what each optimisation is worth: the fast path with one of them taken out at a time)
 
 Configs: A = the small preset (6L/128d/8h, block 64, batch 32), B = 6L/256d/8h, block 256,
@@ -147,6 +148,8 @@ ABLATIONS = {
                      {"buffer_pool": False}),
     "-attention": ("fused attention (reference: stores B*H*T*T probabilities)", {},
                    ["attention"], {}),
+    "-kernel-threads": ("one thread for a parallel kernel where it measured faster (all "
+                        "threads always instead)", {"RANDYGPT_KERNEL_THREADS": "all"}, [], {}),
     "-kernel-choice": ("own sgemm where it measured faster (OpenBLAS everywhere instead)", {},
                        [], {"kernels": "blas"}),
     "-linear-2d": ("2-D matmuls (reference: one sgemm per batch item)", {}, ["linear"], {}),
@@ -424,15 +427,16 @@ def run_config(name, impls, rounds, round_seconds, peak, baseline="torch"):
     return result, peak
 
 
-def run_ablation(configs, rounds, round_seconds):
+def run_ablation(configs, rounds, round_seconds, only=None):
     """What each optimisation is worth: the full fast path against itself with one
     optimisation taken out, alternating, as the speed-up that optimisation gives."""
+    impls = ["fused"] + [a for a in ABLATIONS if a != "fused" and (not only or a in only)]
     for name in configs:
-        res, _ = run_config(name, list(ABLATIONS), rounds, round_seconds, 1.0,
-                            baseline="fused")
+        res, _ = run_config(name, impls, rounds, round_seconds, 1.0, baseline="fused")
         print(f"\nablation, config {name} (medians over {rounds} alternating rounds):")
         print(f"  {'taken out':<66}{'tokens/s':>10}{'it is worth':>13}")
-        for impl, (what, _, _, _) in ABLATIONS.items():
+        for impl in impls:
+            what = ABLATIONS[impl][0]
             worth = "-" if impl == "fused" else f"{1 / res[impl]['ratio']:.2f}x"
             print(f"  {what:<66}{res[impl]['tokens_per_s']:>10,.0f}{worth:>13}")
 
@@ -468,6 +472,9 @@ def main():
                     help="skip the cold/warm numba cache start-up measurement")
     ap.add_argument("--ablation", action="store_true",
                     help="instead: the fused path with each optimisation taken out in turn")
+    ap.add_argument("--ablations", nargs="+", metavar="NAME",
+                    choices=[a.lstrip("-") for a in ABLATIONS if a != "fused"],
+                    help="with --ablation: only these, named without their '-' (default: all)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
@@ -479,7 +486,8 @@ def main():
         return worker(args.worker, args.config, args.warmup)
 
     if args.ablation:
-        return run_ablation(args.configs, args.rounds, args.round_seconds)
+        return run_ablation(args.configs, args.rounds, args.round_seconds,
+                            ["-" + a for a in args.ablations or []])
     sys.path.insert(0, ROOT)
     import randygpt  # noqa: F401  first: its thread policy, so this process's pools sleep too
     import numpy as np

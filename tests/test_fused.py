@@ -535,67 +535,80 @@ def test_training_curve_is_the_same_on_one_thread_and_on_all(model_dtype, monkey
     assert runs[0][-1] < runs[0][0] - 0.5
 
 
-def test_thread_choice_keeps_one_thread_only_where_it_measured_faster(monkeypatch, tmp_path):
+class Kernel:                                           # stands in for a jit.ParallelKernel
+    def __init__(self, name):
+        self.__name__ = name
+
+
+def run_trials(choice, name, args, one_s, all_s, all_threads=2):
+    """Calls of kernel `name` until decided, each 'taking' one_s or all_s: the counts used."""
+    used = []
+    while True:
+        n, trial = choice.threads(Kernel(name), args, all_threads)
+        used.append(n)
+        if trial is None:
+            return used
+        choice.observe(trial, n, one_s if n == 1 else all_s)
+
+
+def test_thread_choice_keeps_one_thread_only_where_it_measured_faster(tmp_path):
     path = str(tmp_path / "kernels.json")
-    timings = {"rmsnorm_forward": (1.0, 2.0),          # (one thread, all): one wins
-               "squared_relu_forward": (0.95, 1.0),    # a near-tie: all
-               "attention_forward": (3.0, 1.0)}        # all wins
-    timed = []
-
-    def timer(fns):
-        name = timed[-1]
-        return list(timings[name])
-
-    class Kernel:                                       # stands in for a jit.ParallelKernel
-        def __init__(self, name):
-            self.__name__ = name
-
-        def dispatcher(self, *args):
-            pass
-
-    choice = choose.ThreadChoice("auto", path=path, timer=timer)
+    choice = choose.ThreadChoice("auto", path=path)
     x = np.zeros((33, 128), np.float32)
-    for name in timings:
-        timed.append(name)
-        assert choice.threads(Kernel(name), (x, x, 1e-5), 2) == (
-            1 if name == "rmsnorm_forward" else 2)
-    assert sorted(choice.ran) == sorted(f"threads {n} size<=8192 of 2" for n in timings)
-    assert choice.threads(Kernel("rmsnorm_forward"), (np.zeros((50, 100)),), 2) == 1  # 5000
-    # a different size is a new decision; a new process reads them all without timing
-    timed.append("attention_forward")
-    assert choice.threads(Kernel("attention_forward"), (np.zeros((64, 384)),), 2) == 2
+    trials = [2, 1, 2, 1, 2, 1, 2]                 # a warm-up on all, then 3 each, alternating
+    for name, one_s, all_s, want in (("rmsnorm_forward", 1.0, 2.0, 1),
+                                     ("squared_relu_forward", 0.95, 1.0, 2),   # a near-tie
+                                     ("attention_forward", 3.0, 1.0, 2)):
+        assert run_trials(choice, name, (x, x, 1e-5), one_s, all_s) == trials + [want]
+    # the warm-up (it compiles) does not count: a slow first call decides nothing
+    first = choose.ThreadChoice("auto", path=str(tmp_path / "other.json"))
+    n, trial = first.threads(Kernel("k"), (x,), 2)
+    first.observe(trial, n, 100.0)
+    assert run_trials(first, "k", (x,), 1.0, 2.0)[-1] == 1
+    assert sorted(choice.ran) == sorted(f"threads {n} size<=8192 of 2" for n in (
+        "rmsnorm_forward", "squared_relu_forward", "attention_forward"))
+    # 5000 elements: the same size bucket, decided; 24576: a new one
+    assert choice.threads(Kernel("rmsnorm_forward"), (np.zeros((50, 100)),), 2) == (1, None)
+    assert run_trials(choice, "attention_forward", (np.zeros((64, 384)),), 3.0, 1.0)[-1] == 2
+    # on disk: a new process reads them all and runs no trials
     saved = choose.read_decisions(path)
     assert {k: d["threads"] for k, d in saved.items()} == {
         "threads rmsnorm_forward size<=8192 of 2": 1,
         "threads squared_relu_forward size<=8192 of 2": 2,
         "threads attention_forward size<=8192 of 2": 2,
         "threads attention_forward size<=32768 of 2": 2}
-    again = choose.ThreadChoice("auto", path=path, timer=lambda fns: pytest.fail("timed"))
-    assert again.threads(Kernel("rmsnorm_forward"), (x,), 2) == 1
+    again = choose.ThreadChoice("auto", path=path)
+    assert again.threads(Kernel("rmsnorm_forward"), (x,), 2) == (1, None)
     assert any("1: 1000000 us, all: 2000000 us" in line for line in choice.summary())
-    # forced either way, or one thread in all: no timing
+    # training's sizes keep all threads, untimed
+    big = np.zeros(choose.ThreadChoice.LARGE, np.float32)
+    assert choice.threads(Kernel("rmsnorm_forward"), (big,), 2) == (2, None)
+    # forced either way, or a pool of one thread: no trials
     for mode, want in (("1", 1), ("all", 2)):
-        forced = choose.ThreadChoice(mode, path=path, timer=lambda fns: pytest.fail("timed"))
-        assert forced.threads(Kernel("attention_forward"), (x,), 2) == want
-    assert again.threads(Kernel("new_kernel"), (x,), 1) == 1
+        forced = choose.ThreadChoice(mode, path=path)
+        assert forced.threads(Kernel("new_kernel"), (x,), 2) == (want, None)
+    assert again.threads(Kernel("new_kernel"), (x,), 1) == (1, None)
 
 
-def test_thread_choice_times_copies_and_leaves_the_real_arrays_to_the_real_call(tmp_path,
-                                                                                monkeypatch):
-    # the timing runs write into copies: the kernel's in-place outputs are written once
+def test_thread_trials_run_on_the_real_calls_and_change_no_result(tmp_path, monkeypatch):
+    # a real kernel (the fused AdamW) called until decided: every call is a real step, on
+    # one thread or all, and each equals the reference AdamW's step
     import numba
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("numba has one thread here: nothing to choose")
     choice = choose.ThreadChoice("auto", path=str(tmp_path / "kernels.json"))
     monkeypatch.setattr(choose, "_THREAD_CHOICE", choice)
     params, grads = normal(5000), normal(5000)
-    m, v = np.zeros_like(params), np.zeros_like(params)
     want = params.copy()
-    AdamW(want, np.ones(5000, bool), 0.9, 0.99, weight_decay=0.0).step(grads, 1e-3)
-    AdamW(params, np.ones(5000, bool), 0.9, 0.99, weight_decay=0.0,
-          backend=fused).step(grads, 1e-3)
-    np.testing.assert_allclose(params, want, rtol=1e-6, atol=1e-9)   # one step, not seven
-    assert [k.split()[1] for k in choice.ran] == ["adamw"]
+    ref = AdamW(want, np.ones(5000, bool), 0.9, 0.99, weight_decay=0.0)
+    fast = AdamW(params, np.ones(5000, bool), 0.9, 0.99, weight_decay=0.0, backend=fused)
+    for _ in range(1 + choice.TRIALS + 2):
+        ref.step(grads, 1e-3)
+        fast.step(grads, 1e-3)
+        np.testing.assert_allclose(params, want, rtol=1e-5, atol=1e-8)
+    (key,) = choice.decisions
+    assert key.startswith("threads adamw size<=8192") and choice.ran[key] in (1, 2)
+    assert len(choice.trials[key]) == 1 + choice.TRIALS
     assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS   # restored
 
 

@@ -296,37 +296,44 @@ class ThreadChoice:
     """How many threads each parallel kernel (jit.pjit) runs with: one, or all of numba's.
 
     numba's thread pool sleeps between kernels (threads.py: OMP_WAIT_POLICY=passive, so that
-    it never spins beside OpenBLAS or another process), and waking it costs tens of
-    microseconds here: an rmsnorm of 33 rows took 53 us on 2 threads and 6.5 us on one (Intel
-    Xeon, 2 cores, KVM). How large a kernel must be before the second thread pays depends on
-    the machine, so it is measured: the first call of a kernel at a size (its largest array,
-    rounded up to a power of two) times it on copies of its arguments with one thread and
-    with all, interleaved, and keeps one thread only where it took <= 90% of the time
-    (near-ties keep all). Decisions share the kernel-decision file. Results do not depend on
-    the thread count (parallel loops run over fixed chunks: jit.CHUNKS), so neither do the
-    losses.
+    it never spins beside OpenBLAS or another process), and waking it can cost more than a
+    small kernel's work: in a 33-token prefill on an Intel Xeon (2 cores, KVM) an rmsnorm
+    took 300 us on 2 threads. What a wake costs depends on the machine and on what ran
+    before (a virtual CPU left idle for a while sleeps deeper), so it is measured on the
+    real calls, where they run: the first TRIALS calls of a kernel at a size (its largest
+    array, rounded up to a power of two) after a warm-up alternate one thread and all, and
+    one thread is kept only where its fastest call took <= 90% of the fastest on all
+    (near-ties keep all). Kernels over LARGE elements keep all threads untimed. Results do not depend on the thread count (parallel loops run over
+    fixed chunks: jit.CHUNKS), so the trials change no result. Decisions share the
+    kernel-decision file.
 
         RANDYGPT_KERNEL_THREADS=auto (default) | all | 1     force either
     """
+    TRIALS = 6                  # timed calls per kernel and size: 3 on one thread, 3 on all
+    LARGE = 1 << 17             # elements: from here all threads, untimed (training's sizes;
+    #                             each kernel of configs A and B was 1.4-4.6x faster on 2)
 
-    def __init__(self, mode: str | None = None, path: str | None = None, timer=_best_times):
+    def __init__(self, mode: str | None = None, path: str | None = None):
         self.mode = thread_mode_from_environment() if mode is None else mode
         if self.mode not in THREAD_MODES:
             raise ValueError(f"thread mode {self.mode!r} is not one of {THREAD_MODES}")
         self.path = decision_file() if path is None else path
-        self.timer = timer
         self.decisions: dict[str, dict] = {}
+        self.trials: dict[str, list] = {}               # key -> [(threads, seconds), ...]
         self.ran: dict[str, int] = {}                   # key -> threads, this process
         self._loaded = False
         self._lock = threading.Lock()
 
-    def threads(self, kernel, args, all_threads: int) -> int:
-        """The thread count to call `kernel(*args)` with (1 or all_threads)."""
+    def threads(self, kernel, args, all_threads: int) -> tuple[int, str | None]:
+        """(the thread count to call `kernel(*args)` with, and the key to `observe` the
+        call's time under, or None when decided)."""
         if all_threads <= 1 or self.mode == "1":
-            return 1
+            return 1, None
         if self.mode == "all":
-            return all_threads
+            return all_threads, None
         work = max((a.size for a in args if isinstance(a, np.ndarray)), default=1)
+        if work >= self.LARGE:
+            return all_threads, None
         key = (f"threads {kernel.__name__} size<={1 << max(0, work - 1).bit_length()} "
                f"of {all_threads}")
         decision = self.decisions.get(key)
@@ -337,27 +344,28 @@ class ThreadChoice:
                     self.decisions.update({k: v for k, v in read_decisions(self.path).items()
                                            if k.startswith("threads ") and isinstance(v, dict)
                                            and v.get("threads") in (1, all_threads)})
-                decision = self.decisions.get(key) or self._measure(key, kernel, args,
-                                                                     all_threads)
-        self.ran[key] = decision["threads"]
-        return decision["threads"]
+                decision = self.decisions.get(key)
+        if decision is not None:
+            self.ran[key] = decision["threads"]
+            return decision["threads"], None
+        done = len(self.trials.setdefault(key, []))
+        return (1 if done % 2 else all_threads), key  # warm-up (compiles) on all, then 1, all
 
-    def _measure(self, key, kernel, args, all_threads):
-        import numba
-        copies = [a.copy() if isinstance(a, np.ndarray) else a for a in args]  # outputs too
-
-        def run(n):
-            numba.set_num_threads(n)
-            try:
-                kernel.dispatcher(*copies)
-            finally:
-                numba.set_num_threads(all_threads)
-        t_one, t_all = self.timer([lambda: run(1), lambda: run(all_threads)])
-        decision = {"threads": 1 if t_one <= (1 - MARGIN) * t_all else all_threads,
-                    "one_s": t_one, "all_s": t_all}
-        self.decisions[key] = decision
+    def observe(self, key: str, threads: int, seconds: float) -> None:
+        """A trial call's time; after the warm-up and TRIALS more, the decision."""
+        with self._lock:
+            trials = self.trials.setdefault(key, [])
+            trials.append((threads, seconds))
+            if len(trials) < 1 + self.TRIALS or key in self.decisions:
+                return
+            one = min(t for n, t in trials[1:] if n == 1)
+            every = min(t for n, t in trials[1:] if n != 1)
+            all_threads = max(n for n, _ in trials)
+            decision = {"threads": 1 if one <= (1 - MARGIN) * every else all_threads,
+                        "one_s": one, "all_s": every}
+            self.decisions[key] = decision
+            self.ran[key] = decision["threads"]
         save_decision(self.path, key, decision)
-        return decision
 
     def summary(self) -> list[str]:
         """One line per parallel kernel and size this process ran: its threads, the timings."""

@@ -11,6 +11,7 @@ finite-difference tests); `fastmath` allows the reassociation that vectorised re
 need, but not nnan/ninf.
 """
 import os
+import time
 
 import numba
 import numpy as np
@@ -70,21 +71,34 @@ class ParallelKernel:
         self.dispatcher = dispatcher
         self.__name__ = dispatcher.__name__.lstrip("_")
         self.__doc__ = dispatcher.__doc__
+        self._choice, self._decided = None, {}          # first array's size -> threads
 
     def __getattr__(self, name):
         return getattr(self.dispatcher, name)
 
     def __call__(self, *args):
         from .choose import thread_choice
-        all_threads = numba.get_num_threads()           # the pool, or what a caller set
-        n = thread_choice().threads(self, args, all_threads)
+        choice, all_threads = thread_choice(), numba.config.NUMBA_NUM_THREADS   # the pool
+        if choice is not self._choice:
+            self._choice, self._decided = choice, {}
+        n = self._decided.get(args[0].size)             # the hot path: one lookup
         if n == all_threads:
             return self.dispatcher(*args)
-        numba.set_num_threads(n)
+        trial = None
+        if n is None:
+            n, trial = choice.threads(self, args, all_threads)
+            if trial is None:
+                self._decided[args[0].size] = n
+        started = time.perf_counter()
+        if n != all_threads:
+            numba.set_num_threads(n)
         try:
             return self.dispatcher(*args)
         finally:
-            numba.set_num_threads(all_threads)
+            if n != all_threads:
+                numba.set_num_threads(all_threads)
+            if trial is not None:
+                choice.observe(trial, n, time.perf_counter() - started)
 
 
 def pjit(fn) -> ParallelKernel:
