@@ -81,6 +81,25 @@ def session_rate(model, tok, prompt, n, streams, repeats):
     return best
 
 
+def products_bound(model, repeats=200):
+    """One vector through every weight matrix a decode step reads (x @ W with OpenBLAS, one
+    thread, nothing else): the fastest of `repeats` passes. Its time bounds the tokens/s of
+    any float32 single stream here, and weight bytes / time is the rate the products read
+    memory at (the whole set no longer fits in one core's L2 cache)."""
+    mats = [model.params[n] for n in model.params.names()
+            if model.params[n].ndim == 2 and n not in ("wte", "wpe")]
+    mats.append(model.params["wte"].T.copy() if "lm_head" not in model.params.names()
+                else model.params["lm_head"])
+    vectors = [np.ones(w.shape[0], w.dtype) for w in mats]
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for x, w in zip(vectors, mats):
+            x @ w
+        best = min(best, time.perf_counter() - t0)
+    return best, sum(w.nbytes for w in mats)
+
+
 def torch_rate(model, prompt_ids, n):
     """nanoGPT's generate() on the same weights: crop to the block, a full forward, sample."""
     try:
@@ -193,6 +212,10 @@ def main():
         print(f"  {name:<24} {one:>10,.0f} {many:>12,.0f}  {many / one:5.1f}x")
     print(f"  fused / reference: {rows[1][1] / rows[0][1]:.1f}x single, "
           f"{rows[1][2] / rows[0][2]:.1f}x batched")
+    t, nbytes = products_bound(ref)
+    print(f"  the products alone (one vector through all {nbytes / 1e6:.1f} MB of weight "
+          f"matrices, OpenBLAS): {t * 1e6:.0f} us, so at most {1 / t:,.0f} tokens/s for one "
+          f"stream on one core ({nbytes / t / 1e9:.1f} GB/s)")
     peer = None if args.no_torch else torch_rate(ref, tok.encode(prompt).tolist(),
                                                  min(n, 200))
     if peer is not None:
