@@ -9,16 +9,19 @@ from .ops.contract import get_backend
 from .ops.reference import array_module
 
 
-def lr_at(it: int, iters: int, lr: float, min_lr: float, warmup: int, decay_frac: float) -> float:
+def lr_at(it: int, iters: int, lr: float, min_lr: float, warmup: int, decay_frac: float,
+          decay_start: int | None = None) -> float:
     """Learning rate for iteration `it` (0-based) of a run of `iters` iterations.
 
     Linear warmup over `warmup` iterations -> constant `lr` -> cosine decay to `min_lr` over the
     final `decay_frac` of the run. The constant phase lets the model learn at full speed for
-    most of the run; the cosine tail settles it into a lower loss at the end.
+    most of the run; the cosine tail settles it into a lower loss at the end. `decay_start`
+    pins where the cosine began (a time budget that shortens a decay already under way).
     """
     if it < warmup:
         return lr * (it + 1) / warmup
-    decay_start = max(warmup, int(iters * (1.0 - decay_frac)))
+    if decay_start is None:
+        decay_start = max(warmup, int(iters * (1.0 - decay_frac)))
     if it < decay_start:
         return lr
     span = max(1, iters - decay_start)

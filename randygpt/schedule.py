@@ -10,9 +10,11 @@ with seconds measured in this run (the first step of a process, which compiles, 
 and "final work" the last evaluation, the exact validation pass and the sample. During warmup
 and the constant phase the LR does not depend on the target, so refitting it changes nothing
 already done; once `done` reaches the decay's start the target is fixed, and the cosine runs
-to it. If the machine then slows down, a guard stops the run when the time left only fits
-the final work. So a budgeted run's losses repeat a same-seed run's up to where the decay
-starts; where it starts depends on the measured speed.
+to it. If the machine then slows down so that the steps left no longer fit, the target is
+pulled in to the steps that do, with the decay's start kept: the cosine is shortened and
+still ends at min_lr (the run stops at once only where not one more step fits). So a
+budgeted run's losses repeat a same-seed run's up to where the decay starts; where it starts
+depends on the measured speed.
 
 Plateaus (--lr-on-plateau N): when the val loss has not improved (by 0.01 %) for N
 evaluations, every later LR is multiplied by --plateau-factor. Early stopping (--early-stop N):
@@ -47,6 +49,7 @@ class ScheduleState:
     """What a resume needs to continue the schedule (stored in the checkpoint's metadata)."""
     target: int                  # the iteration the LR schedule ends at
     fixed: bool = True           # False while a time budget still refits the target
+    decay_start: int | None = None   # where a budgeted run's cosine began (kept if shortened)
     elapsed_s: float = 0.0       # budgeted wall time used by the run's sessions so far
     lr_scale: float = 1.0        # the product of the plateau reductions so far
     stalled: int = 0             # evaluations since the val loss last improved
@@ -68,6 +71,11 @@ class ScheduleState:
             v = getattr(state, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise UserError(f"metadata field schedule.{k} is {v!r}, not a count")
+        if state.decay_start is not None and (isinstance(state.decay_start, bool) or not
+                                              isinstance(state.decay_start, int)
+                                              or state.decay_start < 0):
+            raise UserError(f"metadata field schedule.decay_start is {state.decay_start!r}, "
+                            "not an iteration")
         for k in ("elapsed_s", "lr_scale") + (("best",) if state.best is not None else ()):
             v = getattr(state, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
@@ -113,8 +121,8 @@ class Schedule:
 
     def lr(self, it: int) -> float:
         t = self.tcfg
-        return lr_at(it, self.state.target, t.lr, t.min_lr, t.warmup,
-                     t.decay_frac) * self.state.lr_scale
+        return lr_at(it, self.state.target, t.lr, t.min_lr, t.warmup, t.decay_frac,
+                     self.state.decay_start) * self.state.lr_scale
 
     def done(self, it: int) -> bool:
         return it >= self.state.target or self.state.stopped is not None
@@ -159,10 +167,19 @@ class Schedule:
             return
         if not s.fixed:
             s.target = min(t.iters, done + self._steps_that_fit(done, left, eval_s))
-            if done >= max(t.warmup, int(s.target * (1 - t.decay_frac))):
-                s.fixed = True                  # the decay begins: its end stays put
-        if done < s.target and self._cost(done, 1, eval_s) > left:
-            s.stopped = "time"                  # the machine slowed down: end in time
+            start = max(t.warmup, int(s.target * (1 - t.decay_frac)))
+            if done >= start:                   # the decay begins: its start stays put,
+                s.fixed, s.decay_start = True, start    # and its end unless time runs short
+        if s.fixed and done < s.target and self._cost(done, s.target - done, eval_s) > left:
+            # the machine slowed down: the decay ends at the last step that fits, from the
+            # same start, so the LR still reaches min_lr; with none left, stop now
+            fits = self._steps_that_fit(done, left, eval_s)
+            if fits == 0:
+                s.stopped = "time"
+            else:
+                if s.decay_start is None:       # a checkpoint from before decay_start existed
+                    s.decay_start = max(t.warmup, int(s.target * (1 - t.decay_frac)))
+                s.target = done + fits
 
     def _cost(self, done: int, n: int, eval_s: float) -> float:
         """Seconds for n more steps and the evaluations among them (the one at the last step
@@ -207,8 +224,11 @@ class Schedule:
         """Every rank takes rank 0's decisions (its clock and its evaluations)."""
         s = self.state
         code = {None: 0, "early_stop": 1, "time": 2}[s.stopped]
-        target, fixed, scale, code = world.share([s.target, float(s.fixed), s.lr_scale, code])
+        start = -1 if s.decay_start is None else s.decay_start
+        target, fixed, scale, code, start = world.share(
+            [s.target, float(s.fixed), s.lr_scale, code, start])
         s.target, s.fixed, s.lr_scale = int(target), bool(fixed), float(scale)
+        s.decay_start = None if start < 0 else int(start)
         s.stopped = (None, "early_stop", "time")[int(code)]
 
     def stop_line(self) -> str:
