@@ -12,7 +12,8 @@ and the constant phase the LR does not depend on the target, so refitting it cha
 already done; once `done` reaches the decay's start the target is fixed, and the cosine runs
 to it. If the machine then slows down so that the steps left no longer fit, the target is
 pulled in to the steps that do, with the decay's start kept: the cosine is shortened and
-still ends at min_lr (the run stops at once only where not one more step fits). So a
+still ends at min_lr (the run stops at once only where not one more step fits). If it speeds
+up again, the target moves back out, never past where the decay was planned to end. So a
 budgeted run's losses repeat a same-seed run's up to where the decay starts; where it starts
 depends on the measured speed.
 
@@ -50,6 +51,7 @@ class ScheduleState:
     target: int                  # the iteration the LR schedule ends at
     fixed: bool = True           # False while a time budget still refits the target
     decay_start: int | None = None   # where a budgeted run's cosine began (kept if shortened)
+    decay_end: int | None = None     # where it was planned to end then (the most it may run)
     elapsed_s: float = 0.0       # budgeted wall time used by the run's sessions so far
     lr_scale: float = 1.0        # the product of the plateau reductions so far
     stalled: int = 0             # evaluations since the val loss last improved
@@ -71,11 +73,10 @@ class ScheduleState:
             v = getattr(state, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise UserError(f"metadata field schedule.{k} is {v!r}, not a count")
-        if state.decay_start is not None and (isinstance(state.decay_start, bool) or not
-                                              isinstance(state.decay_start, int)
-                                              or state.decay_start < 0):
-            raise UserError(f"metadata field schedule.decay_start is {state.decay_start!r}, "
-                            "not an iteration")
+        for k in ("decay_start", "decay_end"):
+            v = getattr(state, k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise UserError(f"metadata field schedule.{k} is {v!r}, not an iteration")
         for k in ("elapsed_s", "lr_scale") + (("best",) if state.best is not None else ()):
             v = getattr(state, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
@@ -98,6 +99,7 @@ class Schedule:
         self.state = state or ScheduleState(target=tcfg.iters, fixed=not budget)
         if not budget:                          # the target is the (maybe new) --iters
             self.state.target, self.state.fixed = tcfg.iters, True
+            self.state.decay_start = self.state.decay_end = None
         self.state.stopped = None
         self.started = time.monotonic() if started is None else started
         self.used_before = self.state.elapsed_s
@@ -169,17 +171,20 @@ class Schedule:
             s.target = min(t.iters, done + self._steps_that_fit(done, left, eval_s))
             start = max(t.warmup, int(s.target * (1 - t.decay_frac)))
             if done >= start:                   # the decay begins: its start stays put,
-                s.fixed, s.decay_start = True, start    # and its end unless time runs short
-        if s.fixed and done < s.target and self._cost(done, s.target - done, eval_s) > left:
-            # the machine slowed down: the decay ends at the last step that fits, from the
-            # same start, so the LR still reaches min_lr; with none left, stop now
-            fits = self._steps_that_fit(done, left, eval_s)
-            if fits == 0:
-                s.stopped = "time"
-            else:
-                if s.decay_start is None:       # a checkpoint from before decay_start existed
-                    s.decay_start = max(t.warmup, int(s.target * (1 - t.decay_frac)))
-                s.target = done + fits
+                s.fixed, s.decay_start, s.decay_end = True, start, s.target   # its end too
+            return                              # unless the machine's speed changes
+        if done >= s.target:
+            return
+        if s.decay_start is None:               # a checkpoint from before these fields
+            s.decay_start = max(t.warmup, int(s.target * (1 - t.decay_frac)))
+            s.decay_end = s.target
+        # the decay ends at the last step that fits, at most where it was planned to: from
+        # the same start, so the LR still reaches min_lr. Slower: sooner; faster again: back
+        fits = self._steps_that_fit(done, left, eval_s)
+        if fits == 0:
+            s.stopped = "time"                  # not one more step fits: stop now
+        else:
+            s.target = min(s.decay_end, done + fits)
 
     def _cost(self, done: int, n: int, eval_s: float) -> float:
         """Seconds for n more steps and the evaluations among them (the one at the last step
@@ -224,11 +229,11 @@ class Schedule:
         """Every rank takes rank 0's decisions (its clock and its evaluations)."""
         s = self.state
         code = {None: 0, "early_stop": 1, "time": 2}[s.stopped]
-        start = -1 if s.decay_start is None else s.decay_start
-        target, fixed, scale, code, start = world.share(
-            [s.target, float(s.fixed), s.lr_scale, code, start])
+        start, end = (-1 if v is None else v for v in (s.decay_start, s.decay_end))
+        target, fixed, scale, code, start, end = world.share(
+            [s.target, float(s.fixed), s.lr_scale, code, start, end])
         s.target, s.fixed, s.lr_scale = int(target), bool(fixed), float(scale)
-        s.decay_start = None if start < 0 else int(start)
+        s.decay_start, s.decay_end = (None if v < 0 else int(v) for v in (start, end))
         s.stopped = (None, "early_stop", "time")[int(code)]
 
     def stop_line(self) -> str:

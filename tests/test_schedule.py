@@ -59,18 +59,22 @@ def test_a_bad_budget_flag_is_one_line_and_exit_2():
         "180s, 3m or 1h30m (see 'randygpt train --help')")
 
 
-def simulate(clock, sched, step_s, eval_s, interval, slow_from=None, start_s=2.0):
-    """Run the loop's calls on a fake clock: each step takes step_s (x3 from `slow_from`), each
-    evaluation eval_s. Returns (iterations done, seconds at the end of the final work)."""
+def simulate(clock, sched, step_s, eval_s, interval, slow_from=None, start_s=2.0,
+             slow_until=10**9, targets=None):
+    """Run the loop's calls on a fake clock: each step takes step_s (x3 from `slow_from` to
+    `slow_until`), each evaluation eval_s. Returns (iterations done, seconds at the end of the
+    final work); `targets` collects the target after each step."""
     start = clock.now
     clock.now += start_s                                  # start-up
     it = 0
     while not sched.done(it):
-        s = step_s * (3 if slow_from is not None and it >= slow_from else 1)
+        s = step_s * (3 if slow_from is not None and slow_from <= it < slow_until else 1)
         s = s * 20 if it == 0 else s                      # the first step compiles
         clock.now += s
         it += 1
         sched.stepped(it, s, first_of_session=it == 1)
+        if targets is not None:
+            targets.append(sched.target)
         if it % interval == 0 or sched.done(it):
             clock.now += eval_s
             sched.evaluated(eval_s)
@@ -101,7 +105,7 @@ def test_a_machine_that_slows_down_still_ends_inside_the_budget(clock):
     sched = Schedule(t, 64, started=clock.now, final_tokens=10_000)
     done, seconds = simulate(clock, sched, step_s=0.1, eval_s=0.8, interval=50, slow_from=380)
     assert seconds <= 60
-    # quiet, the target was ~440 and the decay began near 308; at 3x slower from step 380 the
+    # quiet, the target was ~467 and the decay began near 326; at 3x slower from step 380 the
     # steps left did not fit, so the decay was shortened from the same start, not cut off
     quiet = Schedule(t, 64, started=clock.now, final_tokens=10_000)
     simulate(clock, quiet, step_s=0.1, eval_s=0.8, interval=50)
@@ -115,6 +119,14 @@ def test_a_machine_that_slows_down_still_ends_inside_the_budget(clock):
     assert sched.lr(done - 1) < 1.05 * t.min_lr
     lrs = [sched.lr(i) for i in range(start, done)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    # slow for 20 steps, then quiet again: the target comes back out, but never past the end
+    # planned when the decay began
+    spell, targets = Schedule(t, 64, started=clock.now, final_tokens=10_000), []
+    done, seconds = simulate(clock, spell, step_s=0.1, eval_s=0.8, interval=50, slow_from=380,
+                             slow_until=400, targets=targets)
+    low = min(targets[380:])
+    assert seconds <= 60 and low < done <= spell.state.decay_end == quiet.target
+    assert done - low >= 10 and max(targets[spell.state.decay_start:]) <= quiet.target
 
 
 def test_iters_caps_a_budget_and_no_budget_means_the_iteration_target(clock):
@@ -148,11 +160,12 @@ def test_schedule_state_round_trips_and_forged_states_are_refused():
     s = ScheduleState(target=500, fixed=False, elapsed_s=12.5, lr_scale=0.25, stalled=2,
                       since_reduction=1, best=1.75)
     assert ScheduleState.from_json(json.loads(json.dumps(s.to_json()))) == s
-    shortened = ScheduleState(target=412, fixed=True, decay_start=326, elapsed_s=50.0)
+    shortened = ScheduleState(target=412, fixed=True, decay_start=326, decay_end=467,
+                              elapsed_s=50.0)
     assert ScheduleState.from_json(json.loads(json.dumps(shortened.to_json()))) == shortened
     assert ScheduleState.from_json({"target": 5}).decay_start is None   # older checkpoints
     for bad in ({"target": "500"}, {"target": 5, "lr_scale": -1.0}, {"target": 5, "stalled": True},
-                {"target": 5, "decay_start": -3}, {"target": 5, "decay_start": 2.5},
+                {"target": 5, "decay_start": -3}, {"target": 5, "decay_end": 2.5},
                 {"target": 5, "stopped": "because"}, {"target": 5, "elapsed_s": float("nan")},
                 [5]):
         with pytest.raises(UserError, match="schedule"):
