@@ -39,7 +39,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.dirname(os.path.abspa
 
 import numpy as np  # noqa: E402
 
-from machine import describe  # noqa: E402
+from machine import cpu_ticks, describe, steal_line  # noqa: E402
 from randygpt.blas import set_blas_threads  # noqa: E402
 from randygpt.checkpoint import save_checkpoint  # noqa: E402
 from randygpt.config import PRESETS, ModelConfig  # noqa: E402
@@ -181,6 +181,7 @@ def main():
                     help="measure the start-up only (no generation speed, no compile)")
     args = ap.parse_args()
     print(describe())
+    ticks = cpu_ticks()
     set_blas_threads(1)
     text = builtin_sample_text()
     tok = CharTokenizer.from_text(text)
@@ -240,6 +241,7 @@ def main():
         print_startup(*startup(cfg, text, prompt, args.launches, tmp), args.launches)
     print(f"fused decode step: first call {cold:.2f} s cold (compiling), {warm:.2f} s "
           f"with numba's disk cache")
+    print(steal_line(ticks))
 
 
 if __name__ == "__main__":

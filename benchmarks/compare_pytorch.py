@@ -494,8 +494,9 @@ def main():
     torch_ok = have_torch()
     impls = ["fused"] + ([] if args.no_reference else ["reference"]) + (["torch"] if torch_ok else [])
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from machine import describe
+    from machine import cpu_ticks, describe, steal_line
     print(describe())
+    ticks = cpu_ticks()
     print(f"{os.cpu_count()} CPU(s); numpy {np.__version__}; "
           + (f"torch {__import__('torch').__version__}" if torch_ok else
              "PyTorch is not installed: reporting randyGPT alone "
@@ -545,6 +546,7 @@ def main():
                     "fused": "randyGPT fused (KV cache, one compiled step)",
                     "torch": "PyTorch (nanoGPT-style, no cache)"}[impl]
             print(f"  {what:<50} {rate:>8,.0f} tokens/s")
+    print(steal_line(ticks))
 
 
 def subprocess_check():

@@ -73,17 +73,19 @@ def run_point(data, budget, flags, seed, base_flags, lock=None) -> dict:
                 "--sample-tokens", "0"]
         for k, v in {**base_flags, **flags}.items():
             args += [f"--{k}", v]
-        t0 = time.monotonic()
+        from machine import cpu_ticks, steal_since
+        t0, ticks = time.monotonic(), cpu_ticks()
         r = subprocess.run(args, capture_output=True, text=True, cwd=tmp,
                            env=dict(os.environ, PYTHONPATH=ROOT))
-        wall = time.monotonic() - t0
+        wall, steal = time.monotonic() - t0, steal_since(ticks)
         if r.returncode != 0:
             return {"error": (r.stderr.strip().splitlines() or ["?"])[-1], "wall_s": wall}
         rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
         last = rows[-1]
         return {"val_loss": last.get("val_loss_exact", last["val_loss"]),
                 "train_loss": last["train_loss"], "iters": last["iter"],
-                "tokens_per_sec": last["tokens_per_sec"], "wall_s": round(wall, 1)}
+                "tokens_per_sec": last["tokens_per_sec"], "wall_s": round(wall, 1),
+                **({"steal_pct": round(steal, 1)} if steal is not None else {})}
 
 
 def main():
@@ -131,8 +133,8 @@ def main():
     ref = statistics.mean(r["val_loss"] for r in table["base"]) if "base" in table else None
     print(f"\nbudget {args.budget} per run, base {args.base or 'defaults'}; exact val loss "
           "(mean over seeds), lower is better:")
-    print("| point | seeds | val loss | spread | vs base | iterations | tokens/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| point | seeds | val loss | spread | vs base | iterations | tokens/s | CPU steal |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, rs in sorted(table.items(), key=lambda kv: statistics.mean(
             r["val_loss"] for r in kv[1])):
         v = [r["val_loss"] for r in rs]
@@ -140,7 +142,9 @@ def main():
         print(f"| {name} | {len(v)} | {mean:.4f} | {max(v) - min(v):.4f} | "
               + (f"{mean - ref:+.4f}" if ref is not None else "") + " | "
               f"{statistics.mean(r['iters'] for r in rs):.0f} | "
-              f"{statistics.mean(r['tokens_per_sec'] for r in rs):,.0f} |")
+              f"{statistics.mean(r['tokens_per_sec'] for r in rs):,.0f} | "
+              + (f"{statistics.mean(r['steal_pct'] for r in rs):.0f} %"
+                 if all("steal_pct" in r for r in rs) else "-") + " |")
 
 
 if __name__ == "__main__":
