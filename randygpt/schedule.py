@@ -105,7 +105,7 @@ class Schedule:
         self.used_before = self.state.elapsed_s
         # measured costs: a training step, an evaluation, and the final work's tokens
         # (an exact pass over the validation split, the sample), priced per forward token
-        self.step_s, self.steps_timed, self.eval_s = 0.0, 0, None
+        self.step_s, self.steps_timed, self.eval_s, self.forward_s = 0.0, 0, None, None
         self.final_tokens, self.block = final_tokens, block
 
     @property
@@ -139,8 +139,13 @@ class Schedule:
         if self.tcfg.time_budget:
             self._fit(done)
 
-    def evaluated(self, seconds: float) -> None:
+    def evaluated(self, seconds: float, forward_seconds: float | None = None) -> None:
+        """An evaluation took `seconds` in all (loss estimates, checkpoint, loss curve), of
+        which `forward_seconds` were the loss estimates' forward passes."""
         self.eval_s = seconds if self.eval_s is None else 0.5 * (self.eval_s + seconds)
+        if forward_seconds is not None:
+            self.forward_s = forward_seconds if self.forward_s is None else 0.5 * (
+                self.forward_s + forward_seconds)
 
     def _eval_seconds(self) -> float:
         """An evaluation: measured, or before the first one 2 x eval_iters forward batches at
@@ -150,10 +155,13 @@ class Schedule:
         return 2 * self.tcfg.eval_iters * self.step_s / 3
 
     def _final_seconds(self, eval_s: float) -> float:
-        """The last evaluation, then the final work's tokens at an evaluation's cost per
-        forward token (the exact validation pass and the sample)."""
+        """The last evaluation, then the final work's tokens (the exact validation pass and
+        the sample) at the loss estimates' cost per forward token. Not the whole evaluation's:
+        that includes writing the checkpoint and the loss curve (the first one imports
+        matplotlib), which priced 111k validation tokens at 25 s where they took 3."""
         t = self.tcfg
-        per_forward_token = eval_s / (2 * t.eval_iters * t.batch_size * self.block)
+        forward_s = self.forward_s if self.forward_s is not None else eval_s
+        per_forward_token = forward_s / (2 * t.eval_iters * t.batch_size * self.block)
         return eval_s + self.final_tokens * per_forward_token
 
     def _fit(self, done: int) -> None:

@@ -270,7 +270,7 @@ def _train(plan, backend, sample_tokens, progress, log, stop_after, exact_eval,
             if done % tcfg.eval_interval == 0 or schedule.done(done):
                 t_eval = time.perf_counter()
                 report.evaluate(done, lr, tok_s, final=schedule.done(done))
-                schedule.evaluated(time.perf_counter() - t_eval)
+                schedule.evaluated(time.perf_counter() - t_eval, report.forward_s)
                 if share:                # rank 0's plateau and early-stop decisions
                     schedule.share(world)
             if signum is not None or done == stop_after:
@@ -321,6 +321,7 @@ class Reporter:
         self.schedule = schedule
         self.world = world
         self.writes = self.world.is_root      # of several ranks, rank 0 alone writes
+        self.forward_s = None                 # the last evaluation's loss-estimate seconds
         self.out_dir = run.plan.out_dir
         self.done = run.start_iter
         self.best_val_loss = run.best_val_loss
@@ -389,8 +390,10 @@ class Reporter:
         self.world.check_same_weights(run.model.params.flat, done)
         if not self.writes:        # rank 0 evaluates alone: the others go on to the next step
             return
+        started = time.perf_counter()
         self.train_loss = estimate_loss(run.model, run.split.train, tcfg, tcfg.seed)
         self.val_loss = estimate_loss(run.model, run.split.val, tcfg, tcfg.seed + 1)
+        self.forward_s = time.perf_counter() - started     # the time budget prices tokens so
         self.check("val loss", self.val_loss, done)
         # bits per character: loss per token x tokens per character, in bits
         val = run.split.val

@@ -60,10 +60,11 @@ def test_a_bad_budget_flag_is_one_line_and_exit_2():
 
 
 def simulate(clock, sched, step_s, eval_s, interval, slow_from=None, start_s=2.0,
-             slow_until=10**9, targets=None):
+             slow_until=10**9, targets=None, forward_s=None):
     """Run the loop's calls on a fake clock: each step takes step_s (x3 from `slow_from` to
     `slow_until`), each evaluation eval_s. Returns (iterations done, seconds at the end of the
-    final work); `targets` collects the target after each step."""
+    final work); `targets` collects the target after each step. `forward_s`: the part of an
+    evaluation that was its loss estimates (the rest: checkpoint, loss curve)."""
     start = clock.now
     clock.now += start_s                                  # start-up
     it = 0
@@ -77,18 +78,22 @@ def simulate(clock, sched, step_s, eval_s, interval, slow_from=None, start_s=2.0
             targets.append(sched.target)
         if it % interval == 0 or sched.done(it):
             clock.now += eval_s
-            sched.evaluated(eval_s)
+            sched.evaluated(eval_s, forward_s)
     return it, clock.now - start
 
 
-def test_the_target_is_fitted_to_the_budget_and_fixed_when_the_decay_starts(clock):
+@pytest.mark.parametrize("forward_s", [None, 0.2])
+def test_the_target_is_fitted_to_the_budget_and_fixed_when_the_decay_starts(clock, forward_s):
     t = TrainConfig(iters=10**9, time_budget=60, warmup=20, decay_frac=0.3, eval_interval=50,
                     eval_iters=10, batch_size=8)
     sched = Schedule(t, 64, started=clock.now, final_tokens=2 * 5000)
-    done, seconds = simulate(clock, sched, step_s=0.1, eval_s=0.8, interval=50)
+    done, seconds = simulate(clock, sched, step_s=0.1, eval_s=0.8, interval=50,
+                             forward_s=forward_s)
     # what fits: 60 s less the 1 % margin, start-up, the compiling first step and the final
-    # work (an evaluation plus 10,000 forward tokens at the evaluation's rate per token)
-    final = 0.8 + 10_000 * 0.8 / (20 * 8 * 64)
+    # work: an evaluation plus 10,000 forward tokens at the loss estimates' rate per token
+    # (where the evaluation's 0.8 s were 0.2 s of forward passes and 0.6 s of checkpoint and
+    # loss curve, the tokens are priced at 0.2 s per 20 x 8 x 64)
+    final = 0.8 + 10_000 * (forward_s or 0.8) / (20 * 8 * 64)
     per_step = 0.1 + 0.8 / 50
     ideal = (60 * 0.99 - 2.0 - 2.0 - final) / per_step
     assert sched.state.fixed and sched.state.stopped is None
