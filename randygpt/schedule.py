@@ -9,13 +9,13 @@ one (--time-budget 3m) the target is fitted to the wall time left: after each st
 with seconds measured in this run (the first step of a process, which compiles, left out)
 and "final work" the last evaluation, the exact validation pass and the sample. During warmup
 and the constant phase the LR does not depend on the target, so refitting it changes nothing
-already done; once `done` reaches the decay's start the target is fixed, and the cosine runs
-to it. If the machine then slows down so that the steps left no longer fit, the target is
-pulled in to the steps that do, with the decay's start kept: the cosine is shortened and
-still ends at min_lr (the run stops at once only where not one more step fits). If it speeds
-up again, the target moves back out, never past where the decay was planned to end. So a
-budgeted run's losses repeat a same-seed run's up to where the decay starts; where it starts
-depends on the measured speed.
+already done. Once `done` reaches the decay's start, that start is fixed; the cosine's end
+is still fitted to the time left after every step, so the LR still reaches min_lr: sooner
+if the machine slows down, later if it speeds up (on a virtual machine whose hypervisor gave
+its cores away for part of the time, one run measured 7.9k and 17.2k tokens/s an hour
+apart). Where not one more step fits, the run stops at once. So a budgeted run's losses
+repeat a same-seed run's up to where the decay starts; where it starts, and everything
+after, depends on the measured speed.
 
 Plateaus (--lr-on-plateau N): when the val loss has not improved (by 0.01 %) for N
 evaluations, every later LR is multiplied by --plateau-factor. Early stopping (--early-stop N):
@@ -49,9 +49,8 @@ def format_duration(seconds: float) -> str:
 class ScheduleState:
     """What a resume needs to continue the schedule (stored in the checkpoint's metadata)."""
     target: int                  # the iteration the LR schedule ends at
-    fixed: bool = True           # False while a time budget still refits the target
-    decay_start: int | None = None   # where a budgeted run's cosine began (kept if shortened)
-    decay_end: int | None = None     # where it was planned to end then (the most it may run)
+    fixed: bool = True           # False while a budget may still move the decay's start
+    decay_start: int | None = None   # where a budgeted run's cosine began (it stays there)
     elapsed_s: float = 0.0       # budgeted wall time used by the run's sessions so far
     lr_scale: float = 1.0        # the product of the plateau reductions so far
     stalled: int = 0             # evaluations since the val loss last improved
@@ -73,10 +72,9 @@ class ScheduleState:
             v = getattr(state, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise UserError(f"metadata field schedule.{k} is {v!r}, not a count")
-        for k in ("decay_start", "decay_end"):
-            v = getattr(state, k)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-                raise UserError(f"metadata field schedule.{k} is {v!r}, not an iteration")
+        v = state.decay_start
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise UserError(f"metadata field schedule.decay_start is {v!r}, not an iteration")
         for k in ("elapsed_s", "lr_scale") + (("best",) if state.best is not None else ()):
             v = getattr(state, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
@@ -99,7 +97,7 @@ class Schedule:
         self.state = state or ScheduleState(target=tcfg.iters, fixed=not budget)
         if not budget:                          # the target is the (maybe new) --iters
             self.state.target, self.state.fixed = tcfg.iters, True
-            self.state.decay_start = self.state.decay_end = None
+            self.state.decay_start = None
         self.state.stopped = None
         self.started = time.monotonic() if started is None else started
         self.used_before = self.state.elapsed_s
@@ -178,21 +176,20 @@ class Schedule:
         if not s.fixed:
             s.target = min(t.iters, done + self._steps_that_fit(done, left, eval_s))
             start = max(t.warmup, int(s.target * (1 - t.decay_frac)))
-            if done >= start:                   # the decay begins: its start stays put,
-                s.fixed, s.decay_start, s.decay_end = True, start, s.target   # its end too
-            return                              # unless the machine's speed changes
+            if done >= start:                   # the decay begins: its start stays put
+                s.fixed, s.decay_start = True, start
+            return
         if done >= s.target:
             return
-        if s.decay_start is None:               # a checkpoint from before these fields
+        if s.decay_start is None:               # a checkpoint from before this field
             s.decay_start = max(t.warmup, int(s.target * (1 - t.decay_frac)))
-            s.decay_end = s.target
-        # the decay ends at the last step that fits, at most where it was planned to: from
-        # the same start, so the LR still reaches min_lr. Slower: sooner; faster again: back
+        # the decay ends at the last step that fits, from the same start, so the LR still
+        # reaches min_lr: sooner if the machine slows down, later if it speeds up
         fits = self._steps_that_fit(done, left, eval_s)
         if fits == 0:
             s.stopped = "time"                  # not one more step fits: stop now
         else:
-            s.target = min(s.decay_end, done + fits)
+            s.target = min(t.iters, done + fits)
 
     def _cost(self, done: int, n: int, eval_s: float) -> float:
         """Seconds for n more steps and the evaluations among them (the one at the last step
@@ -237,11 +234,11 @@ class Schedule:
         """Every rank takes rank 0's decisions (its clock and its evaluations)."""
         s = self.state
         code = {None: 0, "early_stop": 1, "time": 2}[s.stopped]
-        start, end = (-1 if v is None else v for v in (s.decay_start, s.decay_end))
-        target, fixed, scale, code, start, end = world.share(
-            [s.target, float(s.fixed), s.lr_scale, code, start, end])
+        start = -1 if s.decay_start is None else s.decay_start
+        target, fixed, scale, code, start = world.share(
+            [s.target, float(s.fixed), s.lr_scale, code, start])
         s.target, s.fixed, s.lr_scale = int(target), bool(fixed), float(scale)
-        s.decay_start, s.decay_end = (None if v < 0 else int(v) for v in (start, end))
+        s.decay_start = None if start < 0 else int(start)
         s.stopped = (None, "early_stop", "time")[int(code)]
 
     def stop_line(self) -> str:
