@@ -86,10 +86,11 @@ def products_bound(model, repeats=200):
     thread, nothing else): the fastest of `repeats` passes. Its time bounds the tokens/s of
     any float32 single stream here, and weight bytes / time is the rate the products read
     memory at (the whole set no longer fits in one core's L2 cache)."""
-    mats = [model.params[n] for n in model.params.names()
-            if model.params[n].ndim == 2 and n not in ("wte", "wpe")]
-    mats.append(model.params["wte"].T.copy() if "lm_head" not in model.params.names()
-                else model.params["lm_head"])
+    names = model.params.names()
+    mats = [model.params[n] for n in names if model.params[n].ndim == 2
+            and n not in ("wte", "wpe")]                   # an untied lm_head among them
+    if "lm_head" not in names:                             # tied: the head reads wte
+        mats.append(model.params["wte"].T.copy())
     vectors = [np.ones(w.shape[0], w.dtype) for w in mats]
     best = float("inf")
     for _ in range(repeats):

@@ -9,6 +9,11 @@ from .ops.contract import get_backend
 from .ops.reference import array_module
 
 
+def decay_start_of(iters: int, warmup: int, decay_frac: float) -> int:
+    """The iteration where the cosine begins in a run of `iters` iterations."""
+    return max(warmup, int(iters * (1.0 - decay_frac)))
+
+
 def lr_at(it: int, iters: int, lr: float, min_lr: float, warmup: int, decay_frac: float,
           decay_start: int | None = None) -> float:
     """Learning rate for iteration `it` (0-based) of a run of `iters` iterations.
@@ -21,7 +26,7 @@ def lr_at(it: int, iters: int, lr: float, min_lr: float, warmup: int, decay_frac
     if it < warmup:
         return lr * (it + 1) / warmup
     if decay_start is None:
-        decay_start = max(warmup, int(iters * (1.0 - decay_frac)))
+        decay_start = decay_start_of(iters, warmup, decay_frac)
     if it < decay_start:
         return lr
     span = max(1, iters - decay_start)

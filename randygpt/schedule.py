@@ -33,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from .errors import UserError
-from .optim import lr_at
+from .optim import decay_start_of, lr_at
 
 IMPROVEMENT = 1e-4            # a val loss lower by this fraction of the best is an improvement
 MARGIN = 0.01                 # of the budget, kept free for what estimates miss
@@ -68,13 +68,11 @@ class ScheduleState:
             raise UserError("metadata field schedule is malformed (it needs an integer target)")
         names = set(cls.__dataclass_fields__)
         state = cls(**{k: v for k, v in d.items() if k in names})
-        for k in ("target", "stalled", "since_reduction"):
+        for k in ("target", "stalled", "since_reduction") + (
+                ("decay_start",) if state.decay_start is not None else ()):
             v = getattr(state, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise UserError(f"metadata field schedule.{k} is {v!r}, not a count")
-        v = state.decay_start
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-            raise UserError(f"metadata field schedule.decay_start is {v!r}, not an iteration")
         for k in ("elapsed_s", "lr_scale") + (("best",) if state.best is not None else ()):
             v = getattr(state, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
@@ -175,14 +173,14 @@ class Schedule:
             return
         if not s.fixed:
             s.target = min(t.iters, done + self._steps_that_fit(done, left, eval_s))
-            start = max(t.warmup, int(s.target * (1 - t.decay_frac)))
+            start = decay_start_of(s.target, t.warmup, t.decay_frac)
             if done >= start:                   # the decay begins: its start stays put
                 s.fixed, s.decay_start = True, start
             return
         if done >= s.target:
             return
         if s.decay_start is None:               # a checkpoint from before this field
-            s.decay_start = max(t.warmup, int(s.target * (1 - t.decay_frac)))
+            s.decay_start = decay_start_of(s.target, t.warmup, t.decay_frac)
         # the decay ends at the last step that fits, from the same start, so the LR still
         # reaches min_lr: sooner if the machine slows down, later if it speeds up
         fits = self._steps_that_fit(done, left, eval_s)
