@@ -89,8 +89,11 @@ class Schedule:
     session began (the CLI's start: start-up counts against a budget)."""
 
     def __init__(self, tcfg, block: int, state: ScheduleState | None = None,
-                 started: float | None = None, final_tokens: int = 0):
+                 started: float | None = None, final_tokens: int = 0,
+                 eval_batches: int | None = None):
         self.tcfg = tcfg
+        # forward batches of one evaluation's loss estimates (train + val)
+        self.eval_batches = 2 * tcfg.eval_iters if eval_batches is None else eval_batches
         budget = tcfg.time_budget
         self.state = state or ScheduleState(target=tcfg.iters, fixed=not budget)
         if not budget:                          # the target is the (maybe new) --iters
@@ -144,11 +147,11 @@ class Schedule:
                 self.forward_s + forward_seconds)
 
     def _eval_seconds(self) -> float:
-        """An evaluation: measured, or before the first one 2 x eval_iters forward batches at
-        a third of a training step each (a step is forward + backward + update)."""
+        """An evaluation: measured, or before the first one its forward batches at a third of
+        a training step each (a step is forward + backward + update)."""
         if self.eval_s is not None:
             return self.eval_s
-        return 2 * self.tcfg.eval_iters * self.step_s / 3
+        return self.eval_batches * self.step_s / 3
 
     def _final_seconds(self, eval_s: float) -> float:
         """The last evaluation, then the final work's tokens (the exact validation pass and
@@ -157,7 +160,7 @@ class Schedule:
         matplotlib), which priced 111k validation tokens at 25 s where they took 3."""
         t = self.tcfg
         forward_s = self.forward_s if self.forward_s is not None else eval_s
-        per_forward_token = forward_s / (2 * t.eval_iters * t.batch_size * self.block)
+        per_forward_token = forward_s / (self.eval_batches * t.batch_size * self.block)
         return eval_s + self.final_tokens * per_forward_token
 
     def _fit(self, done: int) -> None:

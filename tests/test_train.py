@@ -140,3 +140,23 @@ def test_first_run_notice_and_tok_s_of_real_tokens_without_the_first_step(monkey
     assert len(real) == 4 and sum(real) < 4 * t.batch_size * m.block_size     # padding
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["tokens_per_sec"] == round(sum(real[1:]) / 3, 1)
+
+
+def test_a_small_split_is_estimated_on_about_one_batch_position_per_target():
+    from randygpt.train import estimate_batches, estimate_loss, prepare
+    m, t = tiny(eval_iters=20)                  # a batch holds 8 x 16 = 128 targets
+    run = prepare(plan_run(m, t, text=TEXT), backend="reference", log=lambda *_: None)
+    train_n, val_n = run.split.train.n_targets, run.split.val.n_targets
+    assert (train_n, val_n) == (2431, 269)
+    assert estimate_batches(run.split.train, t, 16) == 19           # ceil(2431 / 128)
+    assert estimate_batches(run.split.val, t, 16) == 3              # ceil(269 / 128)
+    assert estimate_batches(np.zeros(100_000, np.int32), t, 16) == 20   # a big one: eval_iters
+    calls = []
+    loss = run.model.loss
+    run.model.loss = lambda x, y: calls.append(x.shape) or loss(x, y)
+    value = estimate_loss(run.model, run.split.val, t, seed=3)
+    assert calls == [(8, 16)] * 3                                   # at init: about ln V
+    assert abs(value - math.log(run.model.cfg.vocab_size)) < 0.2
+    # the same batches every evaluation
+    assert value == estimate_loss(run.model, run.split.val, t, seed=3)
+
