@@ -75,10 +75,11 @@ def _add_train(sub) -> None:
         for k, v in PRESETS.items()) + f" (default {DEFAULT_PRESET})")
     t.add_argument("--out", metavar="DIR", default=None,
                    help="run directory (default: runs/<data>-<preset>-<time>)")
-    t.add_argument("--backend", choices=list(BACKENDS), default="fused",
+    t.add_argument("--backend", choices=list(BACKENDS), default=None,
                    help="the ops to train on: the fused numba kernels, or the readable NumPy "
                    "reference (slower; the same losses to float32 round-off), or cupy (an "
-                   "NVIDIA GPU; needs the cuda extra) (default fused)")
+                   "NVIDIA GPU; needs the cuda extra) (default fused; the built-in sample's "
+                   "demo: reference)")
     t.add_argument("--dtype", choices=["float32", "bf16"], default="float32",
                    help="precision of the matrix products on the cupy backend: bf16 operands "
                    "with float32 accumulation; weights and checkpoints stay float32 "

@@ -43,6 +43,15 @@ BUDGET_ITERS_CAP = 10**9
 # then climbs as it memorises the text (measured: 2.25 at 150, 2.65 at 300, 3.54 at 500 of a
 # 2000-iteration run): a demo run stops near the minimum.
 SAMPLE_ITERS = 200
+# The demo's model, unless a preset or the setting is chosen: the README's Quickstart must
+# fit in a minute with the install (~33 s). The text, not the model, limits it. Measured
+# after 200 iterations, mean exact val loss of seeds 1337-1339 (Xeon 6/167, 2026-12-03):
+#   small preset, defaults (batch 32, LR 1e-3), fused kernels     2.281   58 s (80 s cold)
+#   tiny preset, batch 32, LR 1e-3 / 3e-3, readable NumPy ops     2.377 / 2.281   22-26 s
+#   tiny preset, batch 16, LR 3e-3, readable NumPy ops            2.353   13-16 s
+# and the fused kernels would first compile for ~20 s, longer than the demo runs.
+SAMPLE_PRESET, SAMPLE_SETTINGS = "tiny", dict(batch_size=16, lr=3e-3)
+SAMPLE_BACKEND = "reference"
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,7 @@ class RunPlan:
     val_split: str = "tail"       # "random": a seeded random 10 % of the documents (data.py)
     cache_dir: str | None = None
     notices: tuple = ()           # what the user should be told (the demo, the built-in text)
+    backend: str | None = None    # the backend when none is chosen (None: fused)
 
 
 class Contradiction(UserError):
@@ -127,7 +137,13 @@ def plan_run(*configs, preset: str | None = None, resume=None, fine_tune=None,
 
 
 def _fresh(chosen, preset, fine_tune, text, data_path, out_dir, runs_dir) -> RunPlan:
-    values = {**PRESETS[preset or DEFAULT_PRESET], **chosen}
+    builtin = text is None and data_path is None and not os.path.exists("train.txt")
+    demo = (builtin and fine_tune is None and "iters" not in chosen
+            and not chosen.get("time_budget"))
+    values = dict(PRESETS[preset or DEFAULT_PRESET])
+    if demo and preset is None:
+        values.update(PRESETS[SAMPLE_PRESET], **SAMPLE_SETTINGS)
+    values.update(chosen)
     mcfg, tcfg = ModelConfig.from_dict(values), TrainConfig.from_dict(values)
     notices = []
     if fine_tune is not None:               # the checkpoint's shape; dropout may change
@@ -149,25 +165,29 @@ def _fresh(chosen, preset, fine_tune, text, data_path, out_dir, runs_dir) -> Run
                                "given explicitly is used as given")
     mcfg = replace(mcfg, vocab_size=0)
     mcfg.validate(need_vocab=False)
-    builtin = text is None and data_path is None and not os.path.exists("train.txt")
     if builtin:
         notices.append("no training text given and no train.txt here: training on the built-in "
                        "sample text (a few KB)")
     if tcfg.time_budget and "iters" not in chosen:
         tcfg = replace(tcfg, iters=BUDGET_ITERS_CAP)
-    elif builtin and fine_tune is None and "iters" not in chosen:
+    elif demo:
         tcfg = replace(tcfg, iters=SAMPLE_ITERS,
                        eval_interval=chosen.get("eval_interval", SAMPLE_ITERS // 8))
-        notices.append(f"the built-in sample is only a few KB: training {SAMPLE_ITERS} "
-                       "iterations (longer runs only memorise it)")
+        model = (f"the {preset} preset" if preset is not None else
+                 f"the {SAMPLE_PRESET} preset at batch {tcfg.batch_size}, LR {tcfg.lr:g}")
+        notices.append(f"the built-in sample is only a few KB: a {SAMPLE_ITERS}-iteration demo "
+                       f"of {model} on the readable NumPy ops, unless --backend is given "
+                       "(a bigger model or a longer run only memorises it; put a text in "
+                       "train.txt or give --data to train for real)")
     if out_dir is None and runs_dir is not None:
         stem = "sample" if builtin else os.path.splitext(
             os.path.basename(data_path or "train.txt"))[0]
-        tag = "finetune" if fine_tune is not None else preset or DEFAULT_PRESET
+        tag = "finetune" if fine_tune is not None else preset or (
+            SAMPLE_PRESET if demo else DEFAULT_PRESET)
         out_dir = os.path.join(runs_dir, f"{stem}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}")
     text = _read(text, data_path)
     return RunPlan(mcfg, tcfg, text, _sha256(text), data_path, out_dir, fine_tune=fine_tune,
-                   notices=tuple(notices))
+                   notices=tuple(notices), backend=SAMPLE_BACKEND if demo else None)
 
 
 def _resume(chosen, preset, ckpt, text, data_path, out_dir, doc_separator) -> RunPlan:

@@ -106,7 +106,7 @@ def estimate_loss(model: GPT, tokens, tcfg, seed: int) -> float:
     return float(total / count)
 
 
-def prepare(plan: RunPlan, backend="fused", progress: bool | None = None,
+def prepare(plan: RunPlan, backend=None, progress: bool | None = None,
             log=print, world: World | None = None) -> PreparedRun:
     """Tokenizer, data, model and optimizer of the plan, restored from its checkpoint."""
     for line in plan.notices:
@@ -126,6 +126,7 @@ def prepare(plan: RunPlan, backend="fused", progress: bool | None = None,
         tokenizer = CharTokenizer.from_text(plan.text)
     mcfg, tcfg = replace(plan.model, vocab_size=tokenizer.vocab_size), plan.train
     mcfg.validate()
+    backend = backend or plan.backend or "fused"      # None: the plan's, else fused
     # before any allocation: the step's memory, and the text, its int32 tokens and their int64
     # batches (~16 bytes a character); a run that cannot fit is refused with the estimate
     estimate = training_memory(mcfg, tcfg.batch_size, getattr(backend, "name", backend))
@@ -192,11 +193,11 @@ def _check_known_characters(text: str, tokenizer, field: str) -> None:
                         "remove them from the text, or start a new run to train a new one", field)
 
 
-def train(plan: RunPlan, *, backend="fused", sample_tokens: int = 300,
+def train(plan: RunPlan, *, backend=None, sample_tokens: int = 300,
           progress: bool | None = None, log=print, stop_after: int | None = None,
           world: World | None = None, exact_eval: bool = False,
           started: float | None = None) -> TrainResult:
-    """Train the plan on `backend` (a name or a Backend) up to its schedule's end (schedule.py):
+    """Train the plan on `backend` (a name or a Backend; None: the plan's, else fused) up to its schedule's end (schedule.py):
     plan.train.iters total iterations, or what fits its time budget, or an early stop.
     `stop_after`: stop as a signal would, after that many total iterations (for scripted runs
     and tests). `progress`: a bar (None: when stderr is a terminal). `world`: the ranks of an

@@ -160,3 +160,18 @@ def test_a_small_split_is_estimated_on_about_one_batch_position_per_target():
     # the same batches every evaluation
     assert value == estimate_loss(run.model, run.split.val, t, seed=3)
 
+
+def test_the_built_in_sample_is_a_quick_demo_unless_settings_are_chosen(tmp_path, monkeypatch):
+    from randygpt.runs import SAMPLE_ITERS
+    monkeypatch.chdir(tmp_path)                 # no train.txt here
+    demo = plan_run({})
+    assert (demo.model.n_layer, demo.model.n_embd, demo.train.batch_size, demo.train.lr,
+            demo.train.iters, demo.backend) == (2, 64, 16, 3e-3, SAMPLE_ITERS, "reference")
+    assert any("200-iteration demo of the tiny preset" in line for line in demo.notices)
+    mine = plan_run({"lr": 1e-3}, preset="small")       # a preset or a setting chosen wins
+    assert (mine.model.n_layer, mine.model.n_embd, mine.train.batch_size, mine.train.lr,
+            mine.train.iters, mine.backend) == (6, 128, 32, 1e-3, SAMPLE_ITERS, "reference")
+    real = plan_run({"iters": 50})                        # iterations chosen: not a demo
+    assert (real.model.n_layer, real.train.iters, real.backend) == (6, 50, None)
+    (tmp_path / "train.txt").write_text(TEXT)           # a text of one's own: not a demo
+    assert plan_run({}).backend is None and plan_run({}).train.iters == TrainConfig().iters
