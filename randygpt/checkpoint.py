@@ -308,7 +308,7 @@ def load_checkpoint(path, optimizer: bool = True) -> Checkpoint:
 
     try:
         with open(path, "rb") as f:
-            header, data_start = _read_header(f, os.fstat(f.fileno()).st_size, bad)
+            header, data_start = read_safetensors_header(f, os.fstat(f.fileno()).st_size, bad)
             info = _read_info(header, bad)
             try:
                 from safetensors import safe_open
@@ -327,23 +327,26 @@ def load_checkpoint(path, optimizer: bool = True) -> Checkpoint:
         raise UserError(f"checkpoint {path!r} cannot be read: {e.strerror or e}") from None
 
 
-def _read_header(f, size: int, bad) -> tuple[dict, int]:
+def read_safetensors_header(f, size: int, bad,
+                            kind: str = "randyGPT checkpoint") -> tuple[dict, int]:
     """The safetensors JSON header of the open file f of `size` bytes, and where the tensor
-    data begins; every way a file can fail to be a safetensors file is named."""
+    data begins; every way a file can fail to be a safetensors file is named. `bad(what)`
+    makes the error (it names the file); `kind` is what the file should have been. Both
+    checkpoints and imported Hugging Face weights (hf.py) are read through here."""
     start = f.read(9)
     if size == 0:
-        raise bad("is empty (0 bytes); use another checkpoint")
+        raise bad(f"is empty (0 bytes); use another {kind}")
     if start[:4] == b"PK\x03\x04":
-        raise bad("is a zip archive (a PyTorch .pt file?), not a randyGPT safetensors checkpoint")
+        raise bad(f"is a zip archive (a PyTorch .pt file?), not a safetensors {kind}")
     if start[:1] == b"\x80" and start[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        raise bad("is a Python pickle, not a randyGPT checkpoint; "
+        raise bad(f"is a Python pickle, not a {kind}; "
                   "randyGPT never loads pickles (they can run code)")
     if size < 8:
-        raise bad(f"is only {size} bytes long: it is truncated or not a checkpoint")
+        raise bad(f"is only {size} bytes long: it is truncated or not a {kind}")
     (n,) = struct.unpack("<Q", start[:8])
     if not start[8:9] == b"{" or n > _MAX_HEADER:
-        raise bad("is not a safetensors file (no valid header): it is corrupted or not a "
-                  "randyGPT checkpoint")
+        raise bad(f"is not a safetensors file (no valid header): it is corrupted or not a "
+                  f"{kind}")
     if 8 + n > size:
         raise bad(f"is truncated ({size} bytes; its header alone needs {8 + n})")
     try:

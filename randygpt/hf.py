@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from .checkpoint import read_safetensors_header
 from .config import ModelConfig
 from .errors import UserError
 from .model import GPT, parameter_shapes
@@ -93,17 +94,13 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file as float32 (bf16: its 16 bits are the top half of
     a float32). Memory-mapped, so a large file is read once, into the float32 copies."""
     size = os.path.getsize(path)
+
+    def bad(what):
+        return UserError(f"{path} {what}; if it was downloaded, fetch it again")
+
     with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 0 < n <= min(size - 8, 100 << 20):
-            raise UserError(f"{path} is not a safetensors file (bad header length); the "
-                            "download may be incomplete: fetch it again")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise UserError(f"{path} has a damaged safetensors header; fetch it again") from None
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n \
+        header, start = read_safetensors_header(f, size, bad, "weights file")
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=start) if size > start \
         else np.zeros(0, np.uint8)
     out = {}
     for name, t in header.items():

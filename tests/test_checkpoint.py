@@ -275,7 +275,7 @@ BAD_FILES = {
     "truncated-half": (lambda good, p: good[:len(good) // 2], "truncated"),
     "truncated-last-byte": (lambda good, p: good[:-1], "truncated"),
     "truncated-in-header": (lambda good, p: good[:200], "truncated"),
-    "tiny": (lambda good, p: good[:5], "truncated or not a checkpoint"),
+    "tiny": (lambda good, p: good[:5], "truncated or not a randyGPT checkpoint"),
     "flipped-tensor-byte": (lambda good, p: _flip(good, len(good) - 100), "corrupted"),
     "edited-metadata": (lambda good, p: _edit_iter(good), "do not match the checksum"),
     "flipped-header-byte": (lambda good, p: _flip(good, 30), "corrupted"),

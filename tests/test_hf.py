@@ -147,7 +147,14 @@ def test_bad_directories_get_one_clear_error(tmp_path):
         load_hf(str(d))
     (d / "config.json").write_text(json.dumps(cfg))
     (d / "model.safetensors").write_bytes(open(FIXTURE + "/model.safetensors", "rb").read()[:900])
-    with pytest.raises(UserError, match="fetch it again"):
+    with pytest.raises(UserError, match=r"is truncated \(900 bytes; .*fetch it again"):
+        load_hf(str(d))
+    # the checkpoint's header checks, one reader: a pickle renamed, an empty file
+    (d / "model.safetensors").write_bytes(b"\x80\x04 not unpickled")
+    with pytest.raises(UserError, match="a Python pickle, not a weights file"):
+        load_hf(str(d))
+    (d / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match=r"is empty \(0 bytes\)"):
         load_hf(str(d))
     for name in ("vocab.json", "merges.txt"):
         os.remove(d / name)
