@@ -174,11 +174,11 @@ def _fresh(chosen, preset, fine_tune, text, data_path, out_dir, runs_dir) -> Run
         tcfg = replace(tcfg, iters=SAMPLE_ITERS,
                        eval_interval=chosen.get("eval_interval", SAMPLE_ITERS // 8))
         model = (f"the {preset} preset" if preset is not None else
-                 f"the {SAMPLE_PRESET} preset at batch {tcfg.batch_size}, LR {tcfg.lr:g}")
+                 f"the {SAMPLE_PRESET} preset at batch {tcfg.batch_size}, LR {tcfg.lr:g}, on "
+                 "the readable NumPy ops unless --backend is given")
         notices.append(f"the built-in sample is only a few KB: a {SAMPLE_ITERS}-iteration demo "
-                       f"of {model} on the readable NumPy ops, unless --backend is given "
-                       "(a bigger model or a longer run only memorises it; put a text in "
-                       "train.txt or give --data to train for real)")
+                       f"of {model} (a bigger model or a longer run only memorises it; put a "
+                       "text in train.txt or give --data to train for real)")
     if out_dir is None and runs_dir is not None:
         stem = "sample" if builtin else os.path.splitext(
             os.path.basename(data_path or "train.txt"))[0]
@@ -187,7 +187,8 @@ def _fresh(chosen, preset, fine_tune, text, data_path, out_dir, runs_dir) -> Run
         out_dir = os.path.join(runs_dir, f"{stem}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}")
     text = _read(text, data_path)
     return RunPlan(mcfg, tcfg, text, _sha256(text), data_path, out_dir, fine_tune=fine_tune,
-                   notices=tuple(notices), backend=SAMPLE_BACKEND if demo else None)
+                   notices=tuple(notices),
+                   backend=SAMPLE_BACKEND if demo and preset is None else None)
 
 
 def _resume(chosen, preset, ckpt, text, data_path, out_dir, doc_separator) -> RunPlan:

@@ -170,7 +170,7 @@ def test_the_built_in_sample_is_a_quick_demo_unless_settings_are_chosen(tmp_path
     assert any("200-iteration demo of the tiny preset" in line for line in demo.notices)
     mine = plan_run({"lr": 1e-3}, preset="small")       # a preset or a setting chosen wins
     assert (mine.model.n_layer, mine.model.n_embd, mine.train.batch_size, mine.train.lr,
-            mine.train.iters, mine.backend) == (6, 128, 32, 1e-3, SAMPLE_ITERS, "reference")
+            mine.train.iters, mine.backend) == (6, 128, 32, 1e-3, SAMPLE_ITERS, None)
     real = plan_run({"iters": 50})                        # iterations chosen: not a demo
     assert (real.model.n_layer, real.train.iters, real.backend) == (6, 50, None)
     (tmp_path / "train.txt").write_text(TEXT)           # a text of one's own: not a demo
