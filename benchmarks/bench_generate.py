@@ -5,7 +5,8 @@
     PyTorch nanoGPT-style (tests/torch_twin.py's TorchGPT, a full forward over the window
     per token) when torch is installed;
   - 32 concurrent streams, each with its own sampling settings, in batched steps: aggregate
-    tokens/s and the ratio to the single-stream figure of the same backend;
+    tokens/s and the ratio to the single-stream figure of the same backend (the fused step
+    on one or all threads, as timed here; the settings it chose are printed);
   - start-up: time from launching `randygpt generate` to the first byte of its output on
     stdout (the first token's text), against the first byte of a bare `python -c print()`,
     of `import numpy.random; print()` (what any NumPy program pays first) and of `import
@@ -37,6 +38,7 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.dirname(os.path.abspath(__file__))]
 
+import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 from machine import cpu_ticks, describe, steal_line  # noqa: E402
@@ -99,6 +101,20 @@ def products_bound(model, repeats=200):
             x @ w
         best = min(best, time.perf_counter() - t0)
     return best, sum(w.nbytes for w in mats)
+
+
+def print_settings(model):
+    """The compiled step's setting for each batch size it met (DecodeStep.setting): the
+    4-row product block's width and the threads, with the times of every candidate."""
+    from randygpt.ops.fused.choose import decision_file, read_decisions
+    step, decisions = model._decode_step(), read_decisions(decision_file())
+    every = numba.config.NUMBA_NUM_THREADS
+    print("  fused step's settings, timed here (rows of one call: block width, threads):")
+    for rows, (width, threads) in sorted(step.chosen.items()):
+        seconds = decisions.get(f"decode rows<={rows} of {every} threads", {}).get("seconds")
+        times = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in (seconds or {}).items())
+        print(f"    <= {rows} rows: 4x{width} on {threads} thread(s)"
+              + (f"  ({times})" if times else "  (decided by an earlier run)"))
 
 
 def torch_rate(model, prompt_ids, n):
@@ -214,6 +230,7 @@ def main():
         print(f"  {name:<24} {one:>10,.0f} {many:>12,.0f}  {many / one:5.1f}x")
     print(f"  fused / reference: {rows[1][1] / rows[0][1]:.1f}x single, "
           f"{rows[1][2] / rows[0][2]:.1f}x batched")
+    print_settings(fused)
     t, nbytes = products_bound(ref)
     print(f"  the products alone (one vector through all {nbytes / 1e6:.1f} MB of weight "
           f"matrices, OpenBLAS): {t * 1e6:.0f} us, so at most {1 / t:,.0f} tokens/s for one "

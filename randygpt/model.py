@@ -306,20 +306,55 @@ class GPT:
         cache.lengths[stream] = T
         return self.backend.to_host(self.head_forward(x)[0])                   # (T, V)
 
-    def decode(self, tokens, cache: "KVCache", streams):
-        """One new token per stream: tokens (S,) at positions cache.lengths[streams] ->
-        logits (S, V) for the position after each. Every stream attends to its own cache."""
+    def decode(self, tokens, cache: "KVCache", streams, positions=None):
+        """One row per new token: tokens (R,) of streams (R,) at positions (R,) -> logits
+        (R, V) for the position after each. By default each stream has one row, at its
+        cache's length. A stream may also have several rows, at consecutive positions in
+        order, starting at its length or at 0 (its window restarts: a slid window joins the
+        same step as other streams' next tokens); each row attends to its stream's cache up
+        to itself, so the rows before it in this call are its context."""
         streams = np.asarray(streams, dtype=np.int64)
-        pos = cache.lengths[streams]                                           # (S,)
+        pos = cache.lengths[streams] if positions is None else np.asarray(positions, np.int64)
+        one_each = positions is None or (len(set(streams.tolist())) == len(streams)
+                                         and (pos == cache.lengths[streams]).all())
+        groups = None if one_each else _row_groups(streams, pos, cache.lengths)
         if (pos >= self.cfg.block_size).any():
             raise ValueError(f"a KV cache is full ({self.cfg.block_size} positions): slide "
                              "the window by prefilling its most recent tokens again")
         step = self._decode_step()
         if step is not None and step.ready(self.dtype):   # the fused backend: the same blocks,
             logits = step(self.params.flat, tokens, pos, streams, cache)   # one compiled call
+        else:
+            started = time.perf_counter()
+            logits = self._decode_op_by_op(np.asarray(tokens), cache, streams, pos, groups)
+            if step is not None:      # op-by-op time counts toward compiling the step
+                step.charge(time.perf_counter() - started)
+        if one_each:
             cache.lengths[streams] = pos + 1
-            return logits
-        started = time.perf_counter()
+        else:
+            for s, rows in groups.items():
+                cache.lengths[s] = pos[rows[-1]] + 1
+        return logits
+
+    def _decode_op_by_op(self, tokens, cache, streams, pos, groups):
+        """decode's math with the backend's ops: a restarting stream's rows are a prefill,
+        the other rows run in waves of one row per stream (one batched step each)."""
+        if groups is None:
+            return self._decode_rows(tokens, cache, streams, pos)
+        out = np.empty((len(tokens), self.cfg.vocab_size), dtype=self.dtype)
+        waves = {}
+        for s, rows in groups.items():
+            if pos[rows[0]] == 0 and len(rows) > 1:
+                out[rows] = self.prefill(tokens[rows], cache, s)
+            else:
+                for i, row in enumerate(rows):
+                    waves.setdefault(i, []).append(row)
+        for rows in waves.values():
+            r = np.asarray(rows)
+            out[r] = self._decode_rows(tokens[r], cache, streams[r], pos[r])
+        return out
+
+    def _decode_rows(self, tokens, cache, streams, pos):
         # the embedding of one position per stream: wte[token] + wpe[position]. Rows are
         # streams: (S, C) runs the same per-position ops as (B, T, C), as 2-D products.
         xp = self.xp                                                           # (S, C):
@@ -327,11 +362,7 @@ class GPT:
         view = cache.decode_view(streams, pos)
         for i in range(self.cfg.n_layer):
             x, _ = self.block_forward(x, i, kv=view)
-        cache.lengths[streams] = pos + 1
-        logits = self.backend.to_host(self.head_forward(x))                    # (S, V)
-        if step is not None:          # op-by-op time counts toward compiling the step
-            step.charge(time.perf_counter() - started)
-        return logits
+        return self.backend.to_host(self.head_forward(x))                      # (S, V)
 
     def _decode_step(self):
         # a backend may compile decode from these blocks (fused: ops/fused/decode.py); traced
@@ -345,6 +376,22 @@ class GPT:
         """x (..., C) -> logits (..., V): the final norm and the LM head."""
         xf, _ = self.norm_forward(x, "ln_f")
         return self.lm_head_forward(xf)[0]
+
+
+def _row_groups(streams, positions, lengths) -> dict:
+    """{stream: its rows, in order} for GPT.decode, checking that each stream's rows are at
+    consecutive positions from its cache's length, or from 0 (a restart)."""
+    groups = {}
+    for row, s in enumerate(streams.tolist()):
+        groups.setdefault(s, []).append(row)
+    for s, rows in groups.items():
+        first = int(positions[rows[0]])
+        if first not in (0, int(lengths[s])) or \
+                (positions[rows] != np.arange(first, first + len(rows))).any():
+            raise ValueError(f"stream {s}'s rows are at positions {positions[rows].tolist()}: "
+                             f"they must be consecutive from its length {int(lengths[s])} "
+                             "or from 0")
+    return groups
 
 
 class KVCache:

@@ -1,6 +1,7 @@
 """The rules that turn logits into text: sampling, detokenizing, stop strings, prompts.
 
     logits -> sample_token (temperature -> top-k -> top-p -> draw) -> id
+              (sample_tokens: the same for many streams' rows at once)
            -> Detokenizer (id -> text piece) -> StopFilter (hold back a possible stop string)
 
 session.py runs the model and applies these per stream. Everything here is plain NumPy on
@@ -56,6 +57,47 @@ def sample_token(logits, sampling: SamplingConfig, rng) -> int:
     cdf = np.cumsum(probs)
     i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
     return i if i < V else int(np.flatnonzero(probs)[-1])                    # u rounded up to 1
+
+
+def sample_tokens(logits, samplings, rngs) -> list[int]:
+    """sample_token for each of S rows of logits (V,), each with its own settings and generator,
+    as whole-array operations: the same float64 operations in the same order on each row
+    (an exact sort gives the k-th largest; a count of the sums below a bound is searchsorted),
+    so the ids are those of sample_token row by row (tested), without ~40 us of NumPy calls
+    per stream and step."""
+    if len(logits) < 4:                # fewer rows: sample_token's calls cost less (~20 us)
+        return [sample_token(row, c, rng) for row, c, rng in zip(logits, samplings, rngs)]
+    logits = np.stack(logits)                                                 # (S, V)
+    S, V = logits.shape
+    ids = logits.argmax(axis=1)                                               # greedy rows
+    temperature = np.array([s.temperature for s in samplings], dtype=np.float64)
+    rows = np.flatnonzero(temperature != 0)
+    if not len(rows):
+        return ids.tolist()
+    z = np.multiply(logits[rows], (1.0 / temperature[rows])[:, None], dtype=np.float64)
+    k = np.array([samplings[r].top_k for r in rows])
+    cut = np.flatnonzero((0 < k) & (k < V))
+    if len(cut):
+        kth = np.sort(z[cut], axis=1)[np.arange(len(cut)), V - k[cut]]        # k-th largest
+        z[cut] = np.where(z[cut] < kth[:, None], -np.inf, z[cut])
+    probs = np.exp(z - z.max(axis=1, keepdims=True))                          # unnormalised
+    top_p = np.array([samplings[r].top_p for r in rows])
+    nucleus = np.flatnonzero(top_p < 1.0)
+    if len(nucleus):
+        p = probs[nucleus]
+        order = np.argsort(-p, axis=1, kind="stable")
+        mass = np.cumsum(np.take_along_axis(p, order, axis=1), axis=1)
+        n_keep = (mass < (top_p[nucleus] * mass[:, -1])[:, None]).sum(axis=1) + 1
+        drop = np.arange(V) >= n_keep[:, None]                  # ranks past the nucleus
+        p[np.nonzero(drop)[0], order[drop]] = 0.0
+        probs[nucleus] = p
+    cdf = np.cumsum(probs, axis=1)
+    u = np.array([rngs[r].random() for r in rows]) * cdf[:, -1]
+    drawn = (cdf <= u[:, None]).sum(axis=1)                   # searchsorted(side="right")
+    for j in np.flatnonzero(drawn >= V):                      # u rounded up to 1
+        drawn[j] = np.flatnonzero(probs[j])[-1]
+    ids[rows] = drawn
+    return ids.tolist()
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,9 +19,10 @@ the logits: before temperature, top-k and top-p, which only shape the draw).
 
 Windows: positions are absolute (learned wpe), so when a stream's window holds block_size
 tokens the next one does not fit; the window restarts as its last `keep` tokens plus the
-new one, rebuilt with one prefill. keep = block_size - 1 makes every prediction see exactly
+new one, recomputed in the same decode call as the other streams' next tokens (rows at
+positions 0..keep: GPT.decode). keep = block_size - 1 makes every prediction see exactly
 the last block_size tokens, as a full forward pass does (nanoGPT's idx[:, -block_size:]);
-the default keep = block_size // 2 prefills once every block_size // 2 tokens. Either way
+the default keep = block_size // 2 restarts once every block_size // 2 tokens. Either way
 each logit equals a full forward pass over the stream's window (tested).
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 
 from .errors import UserError
 from .model import KVCache
-from .sample import Detokenizer, SamplingConfig, StopFilter, encode_prompt, sample_token
+from .sample import Detokenizer, SamplingConfig, StopFilter, encode_prompt, sample_tokens
 
 
 @dataclass
@@ -99,23 +100,30 @@ class Session:
         return self.model.prefill(ids, self.cache, stream)[-1]
 
     def feed(self, streams, tokens) -> np.ndarray:
-        """Append one token to each stream; logits (S, V) for the token after each. Streams
-        whose window is full are rebuilt by a prefill, the rest share one decode step."""
-        out = np.empty((len(streams), self.model.cfg.vocab_size), dtype=self.model.dtype)
-        grow = []
-        for row, (s, t) in enumerate(zip(streams, tokens)):
+        """Append one token to each stream; logits (S, V) for the token after each. A stream
+        whose window is full restarts on its last `keep` tokens and the new one; all of it
+        is one decode call (a restart is rows at positions 0..keep, see GPT.decode)."""
+        windows = [self._windows[s] for s in streams]
+        if all(len(w) < self.block_size for w in windows):   # the usual step: one row each
+            for window, t in zip(windows, tokens):
+                window.append(int(t))
+            return self.model.decode(np.asarray(tokens), self.cache, streams)
+        rows, ids, positions, last = [], [], [], []
+        for s, t in zip(streams, tokens):
             window = self._windows[s]
             if len(window) < self.block_size:
                 window.append(int(t))
-                grow.append(row)
+                new, start = [int(t)], len(window) - 1
             else:
                 self.rebuilds += 1
-                out[row] = self.prefill(s, window[len(window) - self.keep:] + [int(t)])
-        if grow:
-            rows = np.asarray(grow)
-            out[rows] = self.model.decode(np.asarray(tokens)[rows], self.cache,
-                                          np.asarray(streams)[rows])
-        return out
+                window = self._windows[s] = window[len(window) - self.keep:] + [int(t)]
+                new, start = window, 0
+            rows += [s] * len(new)
+            ids += new
+            positions += range(start, start + len(new))
+            last.append(len(rows) - 1)
+        logits = self.model.decode(np.asarray(ids), self.cache, rows, positions)
+        return logits[last]
 
     def window(self, stream: int) -> list:
         return self._windows[stream]
@@ -158,9 +166,13 @@ class Session:
         """step's first half: each stream's token and its Event from the logits it has; the
         (stream, token) pairs still going, whose next logits _advance computes."""
         events, going = [], []
-        for s in sorted(self.active):
-            st = self.active[s]
-            token = sample_token(st.logits, st.sampling, st.rng)
+        order = sorted(self.active)
+        if not order:
+            return events, going
+        streams = [self.active[s] for s in order]
+        tokens = sample_tokens([st.logits for st in streams], [st.sampling for st in streams],
+                               [st.rng for st in streams])                # all rows at once
+        for s, st, token in zip(order, streams, tokens):
             lp = None if st.logprobs is None else token_logprob(st.logits, token, st.logprobs)
             if token == self.tokenizer.eos_id:
                 events.append(self._finish(s, None, "", "stop"))

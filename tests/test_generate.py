@@ -181,6 +181,101 @@ def test_compiled_decode_equals_the_reference_ops_and_falls_back_without_a_kerne
                                full_logits(ref, ids)[-1], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_window_restart_joins_other_streams_rows_in_one_decode_call(backend):
+    # stream 1 restarts on 7 tokens (rows at positions 0..6, each attending to the ones
+    # before it) in the same call as streams 0 and 2's next tokens: every row's logits are
+    # the forward pass over its own window; each cache ends at its last row
+    model = make_model(np.float64, backend=backend)
+    cache = KVCache(model.cfg, streams=3, dtype=np.float64)
+    windows = {s: random_ids(3 + 2 * s, seed=40 + s) for s in range(3)}
+    for s, ids in windows.items():
+        model.prefill(ids, cache, s)
+    restart = random_ids(7, seed=44)
+    nxt = random_ids(2, seed=45)
+    streams = [0] + [1] * 7 + [2]
+    positions = [len(windows[0])] + list(range(7)) + [len(windows[2])]
+    logits = model.decode(np.array([nxt[0]] + restart + [nxt[1]]), cache, streams, positions)
+    np.testing.assert_allclose(logits[0], full_logits(model, windows[0] + nxt[:1])[-1],
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(logits[1:8], full_logits(model, restart), rtol=1e-12,
+                               atol=1e-12)
+    np.testing.assert_allclose(logits[8], full_logits(model, windows[2] + nxt[1:])[-1],
+                               rtol=1e-12, atol=1e-12)
+    assert cache.lengths.tolist() == [4, 7, 8]
+    with pytest.raises(ValueError, match="consecutive"):       # a gap at position 2
+        model.decode(np.array([1, 2, 3]), cache, [1, 1, 1], [0, 1, 3])
+    with pytest.raises(ValueError, match="consecutive"):       # not from its length or 0
+        model.decode(np.array([1]), cache, [0], [2])
+
+
+def test_the_compiled_steps_settings_and_splits_change_no_bit(monkeypatch):
+    # the same rows (two restarts, three streams' next tokens) under every product block
+    # width, on one thread and split over two, and in calls of 3 rows: bit-identical logits
+    # and caches, as they must be for the timed choice between them to be free
+    from randygpt.ops.fused import decode
+    model = make_model(backend="fused")
+    step = model._decode_step()
+    streams = [0, 1, 1, 1, 1, 1, 2, 3, 4, 4, 4, 4]
+    positions = [3, 0, 1, 2, 3, 4, 5, 2, 0, 1, 2, 3]
+    tokens = np.array(random_ids(len(streams), seed=60))
+    results = []
+    for width, threads, max_rows in [(16, 1, 64), (64, 1, 64), (16, 2, 64), (64, 2, 64),
+                                     (64, 2, 3), (16, 1, 3)]:
+        cache = KVCache(model.cfg, streams=5)
+        for s in range(5):
+            model.prefill(random_ids(6, seed=70 + s), cache, s)
+        cache.lengths[:] = [3, 6, 5, 2, 6]
+        monkeypatch.setattr(decode, "MAX_ROWS", max_rows)
+        step._buffers.clear()
+        step._setting_of[len(streams)] = (width, threads)
+        results.append((model.decode(tokens, cache, streams, positions), cache.k.copy()))
+    for logits, keys in results[1:]:
+        np.testing.assert_array_equal(logits, results[0][0])
+        np.testing.assert_array_equal(keys, results[0][1])
+    parts = decode._parts(np.array(streams), 2)                 # whole streams, in order
+    assert [p.tolist() for p in parts] == [list(range(6)), list(range(6, 12))]
+
+
+def test_the_compiled_steps_setting_is_timed_once_and_kept(monkeypatch, tmp_path):
+    # four candidates (block 4x16 or 4x64, one thread or two) timed on the real rows; one
+    # replaces the one before only when 10% faster; the decision is saved and a new process
+    # (a fresh step) uses it untimed; RANDYGPT_DECODE_BLOCK forces a width, and a bad value
+    # is a one-line error
+    import numba
+    from randygpt.ops.fused import decode
+    monkeypatch.setenv("RANDYGPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", 2)
+    timed = []
+
+    def fake_times(fns, repeats=5):
+        for fn in fns:
+            fn()                                               # each candidate really runs
+        timed.append(len(fns))
+        return [1.0, 0.95, 0.5, 0.48]     # (16,1) (64,1): not 10% better; (16,2) wins
+    from randygpt.ops.fused import choose
+    monkeypatch.setattr(choose, "_best_times", fake_times)
+    model = make_model(backend="fused")
+    cache = KVCache(model.cfg, streams=10)
+    for s in range(10):
+        model.prefill(random_ids(2, seed=s), cache, s)
+    model.decode(np.array(random_ids(10, seed=80)), cache, list(range(10)))
+    assert timed == [4]
+    assert model._decode_step().setting(10, None) == (16, 2)
+    fresh = GPT(model.cfg, seed=None, backend=model.backend)._decode_step()
+    assert fresh.setting(12, None) == (16, 2) and timed == [4]     # same bucket: 9..16 rows
+    with open(tmp_path / "kernels.json") as f:
+        saved = [d for m in json.load(f).values() for k, d in m.items()
+                 if k == "decode rows<=16 of 2 threads"]
+    assert saved[0]["width"] == 16 and saved[0]["threads"] == 2
+    monkeypatch.setenv("RANDYGPT_DECODE_BLOCK", "64")
+    assert GPT(model.cfg, seed=None, backend=model.backend)._decode_step().setting(
+        2, None) == (64, 1)
+    monkeypatch.setenv("RANDYGPT_DECODE_BLOCK", "32")
+    with pytest.raises(UserError, match="RANDYGPT_DECODE_BLOCK='32' is not a block width"):
+        GPT(model.cfg, seed=None, backend=model.backend)._decode_step()
+
+
 def expected_windows(ids, block, keep):
     """The documented window policy, written out independently of Session."""
     window, out, slides = [], [], 0

@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 
 from randygpt.errors import UserError
-from randygpt.sample import Detokenizer, SamplingConfig, StopFilter, sample_token
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from randygpt.sample import Detokenizer, SamplingConfig, StopFilter, sample_token, sample_tokens
 
 
 def frequencies(logits, sampling, n=20000, seed=0):
@@ -94,6 +97,30 @@ def test_masked_tokens_are_never_drawn_even_at_the_top_of_the_range():
     logits = np.array([1.0, 0.5, -3.0, -4.0])
     assert sample_token(logits, SamplingConfig(top_k=2), AlmostOne()) == 1
     assert sample_token(logits, SamplingConfig(), AlmostOne()) == 3
+    # and so for many streams at once
+    assert sample_tokens([logits] * 4, [SamplingConfig(top_k=2)] * 2 + [SamplingConfig()] * 2,
+                         [AlmostOne()] * 4) == [1, 1, 3, 3]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(4, 40), st.integers(2, 90), st.integers(0, 2**31), st.data())
+def test_sampling_many_streams_at_once_draws_what_each_draws_alone(S, V, seed, data):
+    # sample_tokens (whole-array, the Session's path for 4+ streams) against sample_token
+    # row by row: every row its own settings (greedy, top-k at 1, V-1, V and beyond, top-p
+    # down to one token), logits with ties and of very different scales, the same seeds
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((S, V)) * rng.choice([0.01, 1.0, 8.0, 60.0], size=(S, 1))
+    logits[rng.random(S) < 0.3, : V // 2] = 0.5                       # tied runs
+    logits = logits.astype(np.float32)
+    settings_ = [SamplingConfig(temperature=data.draw(st.sampled_from([0, 0.3, 1.0, 1.7])),
+                                top_k=data.draw(st.sampled_from([0, 1, 3, V - 1, V, V + 5])),
+                                top_p=data.draw(st.sampled_from([1.0, 0.95, 0.5, 1e-3])))
+                 for _ in range(S)]
+    seeds = rng.integers(0, 2**31, S)
+    alone = [sample_token(logits[i], settings_[i], np.random.default_rng(seeds[i]))
+             for i in range(S)]
+    together = sample_tokens(list(logits), settings_, [np.random.default_rng(x) for x in seeds])
+    assert together == alone
 
 
 @pytest.mark.parametrize("kwargs, field", [

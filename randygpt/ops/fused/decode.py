@@ -10,30 +10,57 @@ implies, e.g. for each block
     NORM x -> a (ln1.g) ; MATMUL a -> b (attn.qkv) ; ATTEND b -> c (layer i) ;
     MATMUL c -> d (attn.proj) ; ADD x, d -> e ; NORM e -> f ; MATMUL f -> g ; ACT g -> h ; ...
 
-and `_run` executes it over a buffer of slots (one row per stream). A description that
+and `_run` executes it over a buffer of slots (a row of them per decoded row). A description that
 uses an op the recorder has no kernel for (a new norm, an activation, dropout at decode)
-yields no program, and decode runs op by op as before, correct and slower. Products run in
-register blocks of 4 streams x 16 outputs (or 1 x 64), summing k in order whatever the
-block (so a stream's logits are bit-identical alone or batched with others); attention is
-the reference kv_attention_forward's math for each (stream, head), reading and writing the
-model's KVCache. Tested against the op-by-op decode and full forward passes
-(tests/test_generate.py).
+yields no program, and decode runs op by op as before, correct and slower.
+
+A row is one (stream, position): usually each stream's next token, but a stream whose window
+restarts brings rows at positions 0..keep, in order, each attending to the ones before it.
+Products run in register blocks of 4 rows x 16 or 64 outputs (or 1 x 64), summing k in
+order whatever the block (so a stream's logits are bit-identical alone or batched with
+others); attention is the reference kv_attention_forward's math for each (row, head),
+reading and writing the model's KVCache. Whole streams can go to different threads (_run
+holds no GIL). The block width and the thread count are timed per batch size on this
+machine (DecodeStep.setting); no choice changes a bit. Tested against the op-by-op decode
+and full forward passes (tests/test_generate.py).
 """
 from __future__ import annotations
 
 import copy
 import math
+import os
 
 import numba
 import numpy as np
 from numba import njit
 
+from .choose import thread_mode_from_environment
 from .jit import FASTMATH, on_disk, stack_block
 
 NORM, MATMUL, ACT, ADD, ATTEND = range(5)
 _FIELDS = 8            # opcode, in a, in b, out, parameter offset, width in, width out, layer
 _COLS4, _COLS1 = 16, 64  # a product's register block: 4 rows x 16 outputs, or 1 row x 64
 _block = stack_block(4 * _COLS1)
+
+# The 4-row block's width is the machine's choice: 4 x 16 fits AVX2's 16 ymm registers, 4 x
+# 64 (16 sums of 16 lanes) only AVX-512's 32 zmm. On an Intel Xeon (family 6 model 167) the
+# small preset's products for 32 rows took 2.1 ms with 4 x 16 and 1.2 ms with 4 x 64, as
+# long as OpenBLAS's; 4 x 32 and 8 x 16 came out of LLVM 10x slower. Either width sums k in
+# the same order, so the choice changes no logit; it is timed on the first real steps at
+# each batch size (rounded up to a power of two) and kept in the kernel-decision file
+# (choose.py); benchmarks/bench_generate.py prints the timings.
+BLOCK_WIDTHS = (_COLS4, _COLS1)
+BLOCK_MODES = ("auto",) + tuple(str(w) for w in BLOCK_WIDTHS)
+
+
+def block_mode_from_environment(environ=os.environ) -> str:
+    """RANDYGPT_DECODE_BLOCK=auto (default) | 16 | 64: the 4-row product block's width."""
+    mode = environ.get("RANDYGPT_DECODE_BLOCK", "").strip().lower() or "auto"
+    if mode not in BLOCK_MODES:
+        from ...errors import UserError
+        raise UserError(f"RANDYGPT_DECODE_BLOCK={mode!r} is not a block width; use one of "
+                        f"{', '.join(BLOCK_MODES)}", "backend")
+    return mode
 
 
 class Untraceable(Exception):
@@ -105,6 +132,13 @@ class _RecordedAttention:
 # numba's disk cache already holds (any later run) is used from the first token.
 COMPILE_AFTER_S = 6.0
 
+# Rows per _run call. A call holds every activation of its rows (~14k values a row for the
+# small preset), and a window restart brings keep + 1 rows a stream (33 x 32 streams at
+# once in a benchmark's lock-step), so longer calls are split. Rows run in order either
+# way: a later call's rows see the keys and values the earlier ones wrote, as in one call.
+MAX_ROWS = 64
+MIN_SPLIT = 8           # rows from which the step is also timed on every thread
+
 
 class DecodeStep:
     """`step(flat, tokens, positions, streams, cache)` -> logits (S, V): GPT.decode's math."""
@@ -113,7 +147,11 @@ class DecodeStep:
         self.program = np.asarray(program, dtype=np.int64).reshape(-1, _FIELDS)
         self.offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
         self.eps, self.wte, self.wpe, self.out_slot, self.n_head = eps, wte, wpe, out_slot, n_head
-        self._buffers = {}
+        self._buffers, self._threads = {}, None
+        self.block_mode = block_mode_from_environment()
+        self.thread_mode = thread_mode_from_environment()
+        self.chosen: dict[int, tuple] = {}      # rows (a power of two) -> (width, threads)
+        self._setting_of: dict[int, tuple] = {}     # rows -> (width, threads), this process
         self.op_by_op_s = 0.0               # time GPT.decode spent op by op, waiting for this
         self._on_disk = {}                  # dtype name -> numba's disk cache has _run
 
@@ -130,17 +168,109 @@ class DecodeStep:
         self.op_by_op_s += seconds
 
     def __call__(self, flat, tokens, positions, streams, cache):
-        S = len(tokens)
-        key = (S, flat.dtype)
-        if key not in self._buffers:        # one buffer per batch size, reused step to step
-            self._buffers[key] = np.empty((S, int(self.offsets[-1])), dtype=flat.dtype)
-        buf = self._buffers[key]
-        _run(self.program, self.offsets, buf, flat, self.wte, self.wpe,
-             np.asarray(tokens, np.int64), np.asarray(positions, np.int64),
-             np.asarray(streams, np.int64), cache.k, cache.v, self.n_head,
-             flat.dtype.type(self.eps))
+        tokens, positions, streams = (np.asarray(a, np.int64)
+                                      for a in (tokens, positions, streams))
         a, b = self.offsets[self.out_slot], self.offsets[self.out_slot + 1]
-        return buf[:, a:b].copy()                                             # (S, V)
+        logits = np.empty((len(tokens), b - a), dtype=flat.dtype)              # (R, V)
+
+        def run(rows, width, threads):      # the step over rows[0:rows] with one setting
+            parts = _parts(streams[:rows], threads) if threads > 1 else [slice(0, rows)]
+            jobs = [self._pool().submit(self._run_rows, flat, tokens, positions, streams,
+                                        cache, logits, part, k, width)
+                    for k, part in enumerate(parts) if k]
+            self._run_rows(flat, tokens, positions, streams, cache, logits, parts[0], 0, width)
+            for job in jobs:
+                job.result()
+        run(len(tokens), *self.setting(len(tokens), run))
+        return logits
+
+    def _run_rows(self, flat, tokens, positions, streams, cache, logits, part, k, width):
+        """_run over the rows `part` (whole streams, in order: an index array, or a slice)
+        in calls of at most MAX_ROWS rows, on buffer k; their logits into logits[part]."""
+        a, b = self.offsets[self.out_slot], self.offsets[self.out_slot + 1]
+        if isinstance(part, slice):                     # contiguous rows: views, not copies
+            start, stop, _ = part.indices(len(tokens))
+            calls = [slice(r, min(r + MAX_ROWS, stop)) for r in range(start, stop, MAX_ROWS)]
+        else:
+            calls = [part[r:r + MAX_ROWS] for r in range(0, len(part), MAX_ROWS)]
+        for rows in calls:
+            ids = tokens[rows]
+            buf = self._buffer(k, len(ids), flat.dtype)
+            _run(self.program, self.offsets, buf, flat, self.wte, self.wpe, ids,
+                 positions[rows], streams[rows], cache.k, cache.v, self.n_head,
+                 flat.dtype.type(self.eps), width)
+            logits[rows] = buf[:, a:b]
+
+    def _buffer(self, k, n, dtype):
+        # a buffer of MAX_ROWS rows per thread and dtype, reused call to call: rows x slots
+        if (k, dtype) not in self._buffers:
+            self._buffers[k, dtype] = np.empty((MAX_ROWS, int(self.offsets[-1])), dtype=dtype)
+        return self._buffers[k, dtype][:n]
+
+    def _pool(self):
+        if self._threads is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._threads = ThreadPoolExecutor(max(1, numba.config.NUMBA_NUM_THREADS - 1),
+                                               thread_name_prefix="randygpt-decode-step")
+        return self._threads
+
+    def setting(self, R, run) -> tuple[int, int]:
+        """(block width, threads) for a step of R rows: forced by the environment, decided
+        before, or timed now by `run(rows, width, threads)` on the first rows of this step
+        (up to the most rows the threads take in one call each). Running rows again
+        recomputes them and rewrites the same keys and values (each row reads only its own
+        stream's earlier positions), so timing changes nothing. A candidate replaces the
+        one before it only when MARGIN faster."""
+        if R in self._setting_of:                    # the hot path: one lookup
+            return self._setting_of[R]
+        from .choose import MARGIN, _best_times, decision_file, read_decisions, save_decision
+        every = numba.config.NUMBA_NUM_THREADS
+        widths = BLOCK_WIDTHS if self.block_mode == "auto" else (int(self.block_mode),)
+        if R < 4:                                    # no 4-row block: the width is unused
+            widths = widths[:1]
+        threads = {"1": (1,), "all": (every,)}.get(self.thread_mode,
+                                                   (1, every) if R >= MIN_SPLIT else (1,))
+        candidates = list(dict.fromkeys((w, t) for t in threads for w in widths))
+        if len(candidates) == 1:
+            self._setting_of[R] = candidates[0]
+            return candidates[0]
+        rows = min(1 << (R - 1).bit_length(), every * MAX_ROWS)
+        chosen = self.chosen.get(rows)
+        if chosen is None:
+            key = f"decode rows<={rows} of {every} threads"
+            decision = read_decisions(decision_file()).get(key)
+            if not (isinstance(decision, dict) and
+                    (decision.get("width"), decision.get("threads")) in candidates):
+                n = min(R, rows)
+                times = _best_times([lambda c=c: run(n, *c) for c in candidates])
+                best = 0
+                for i in range(1, len(candidates)):
+                    if times[i] <= (1 - MARGIN) * times[best]:
+                        best = i
+                decision = {"width": candidates[best][0], "threads": candidates[best][1],
+                            "seconds": {f"4x{w} on {t}": round(x, 6)
+                                        for (w, t), x in zip(candidates, times)}}
+                save_decision(decision_file(), key, decision)
+            chosen = self.chosen[rows] = (decision["width"], decision["threads"])
+        self._setting_of[R] = chosen
+        return chosen
+
+
+def _parts(streams, n) -> list:
+    """Row indices for n threads, each a set of whole streams (a stream's rows depend on one
+    another) with about equal row counts; each part's rows in their order."""
+    rows = np.arange(len(streams))
+    if n <= 1:
+        return [rows]
+    _, first, inverse, counts = np.unique(streams, return_index=True, return_inverse=True,
+                                          return_counts=True)
+    part_of = np.empty(len(counts), dtype=np.int64)
+    done = 0
+    for i in np.argsort(first):                      # streams in the order they first come
+        part_of[i] = min(n - 1, done * n // len(streams))
+        done += counts[i]
+    row_part = part_of[inverse.reshape(-1)]
+    return [p for p in (rows[row_part == k] for k in range(n)) if len(p)]
 
 
 def trace(model) -> DecodeStep | None:
@@ -166,10 +296,10 @@ def _product_block(buf, s0, nr, a0, o0, W, j0, nc):
     """buf[s0 + r, o0 + j0 + j] = sum_k buf[s0 + r, a0 + k] * W[k, j0 + j], r < nr (4 or 1),
     j < nc: a block of sums held in registers while k runs in order 0, 1, ... Every output
     is one chain of fused multiply-adds in k order whatever the block's shape, so a stream's
-    logits do not depend on how many streams share a step. The shapes fit AVX2's 16 ymm
-    registers: 4 rows x 16 (8 sums, 2 of W, 1 broadcast; 4 x 32 needed all 16 for the
-    sums alone) and 1 row x 64 (8 independent FMA chains instead of 4, to cover the FMA
-    latency)."""
+    logits do not depend on how many streams share a step. 4 rows x 16 fits AVX2's 16 ymm
+    registers (8 sums, 2 of W, 1 broadcast; 4 x 32 needed all 16 for the sums alone), 4 x
+    64 AVX-512's 32 zmm (BLOCK_WIDTHS), and 1 row x 64 gives 8 independent FMA chains
+    instead of 4, to cover the FMA latency."""
     acc = numba.carray(_block(buf.dtype), (4, _COLS1))
     K = W.shape[0]
     if nr == 4 and nc == _COLS4:                            # constant trip counts unroll
@@ -181,6 +311,16 @@ def _product_block(buf, s0, nr, a0, o0, W, j0, nc):
             for r in range(4):
                 x = buf[s0 + r, a0 + k]
                 for j in range(_COLS4):
+                    acc[r, j] += x * w_row[j]
+    elif nr == 4 and nc == _COLS1:
+        for r in range(4):
+            for j in range(_COLS1):
+                acc[r, j] = 0
+        for k in range(K):
+            w_row = W[k, j0:j0 + _COLS1]
+            for r in range(4):
+                x = buf[s0 + r, a0 + k]
+                for j in range(_COLS1):
                     acc[r, j] += x * w_row[j]
     elif nr == 1 and nc == _COLS1:
         for j in range(_COLS1):
@@ -204,9 +344,9 @@ def _product_block(buf, s0, nr, a0, o0, W, j0, nc):
             buf[s0 + r, o0 + j0 + j] = acc[r, j]
 
 
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
 def _run(program, offsets, buf, flat, wte, wpe, tokens, positions, streams, kc, vc, n_head,
-         eps):
+         eps, width):
     S = buf.shape[0]
     C = offsets[1]
     zero = eps - eps                                        # 0 in the model's dtype
@@ -227,13 +367,14 @@ def _run(program, offsets, buf, flat, wte, wpe, tokens, positions, streams, kc, 
                     buf[s, o0 + c] = buf[s, a0 + c] * r * flat[w + c]
         elif op == MATMUL:
             W = flat[w:w + d_in * d_out].reshape(d_in, d_out)
-            s0 = 0
-            while s0 < S:                   # blocks of 4 rows (one row at the end)
-                nr = 4 if S - s0 >= 4 else 1
-                cols = _COLS4 if nr == 4 else _COLS1
-                for j0 in range(0, d_out, cols):
-                    _product_block(buf, s0, nr, a0, o0, W, j0, min(cols, d_out - j0))
-                s0 += nr
+            S4 = S - S % 4
+            for j0 in range(0, d_out, width):   # a strip of W's columns, then every block of
+                for s0 in range(0, S4, 4):      # 4 rows over it while it is in cache: W is
+                    _product_block(buf, s0, 4, a0, o0, W, j0,   # read from memory once a step
+                                   min(width, d_out - j0))
+            for s0 in range(S4, S):             # the last rows one at a time
+                for j0 in range(0, d_out, _COLS1):
+                    _product_block(buf, s0, 1, a0, o0, W, j0, min(_COLS1, d_out - j0))
         elif op == ACT:
             for s in range(S):
                 for c in range(d_in):
