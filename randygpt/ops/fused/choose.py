@@ -283,13 +283,20 @@ class KernelChoice:
 THREAD_MODES = ("auto", "all", "1")
 
 
-def thread_mode_from_environment(environ=os.environ) -> str:
-    mode = environ.get("RANDYGPT_KERNEL_THREADS", "").strip().lower() or "auto"
-    if mode not in THREAD_MODES:
+def choice_from_environment(name, modes, what, environ=os.environ) -> str:
+    """The value of environment variable `name`, one of `modes` (the first when unset); any
+    other value is a one-line UserError naming `what` it should have been."""
+    mode = environ.get(name, "").strip().lower() or modes[0]
+    if mode not in modes:
         from ...errors import UserError
-        raise UserError(f"RANDYGPT_KERNEL_THREADS={mode!r} is not a thread choice; use one of "
-                        f"{', '.join(THREAD_MODES)}", "backend")
+        raise UserError(f"{name}={mode!r} is not {what}; use one of {', '.join(modes)}",
+                        "backend")
     return mode
+
+
+def thread_mode_from_environment(environ=os.environ) -> str:
+    return choice_from_environment("RANDYGPT_KERNEL_THREADS", THREAD_MODES, "a thread choice",
+                                   environ)
 
 
 class ThreadChoice:

@@ -34,7 +34,7 @@ import numba
 import numpy as np
 from numba import njit
 
-from .choose import thread_mode_from_environment
+from .choose import choice_from_environment, thread_mode_from_environment
 from .jit import FASTMATH, on_disk, stack_block
 
 NORM, MATMUL, ACT, ADD, ATTEND = range(5)
@@ -55,12 +55,8 @@ BLOCK_MODES = ("auto",) + tuple(str(w) for w in BLOCK_WIDTHS)
 
 def block_mode_from_environment(environ=os.environ) -> str:
     """RANDYGPT_DECODE_BLOCK=auto (default) | 16 | 64: the 4-row product block's width."""
-    mode = environ.get("RANDYGPT_DECODE_BLOCK", "").strip().lower() or "auto"
-    if mode not in BLOCK_MODES:
-        from ...errors import UserError
-        raise UserError(f"RANDYGPT_DECODE_BLOCK={mode!r} is not a block width; use one of "
-                        f"{', '.join(BLOCK_MODES)}", "backend")
-    return mode
+    return choice_from_environment("RANDYGPT_DECODE_BLOCK", BLOCK_MODES, "a block width",
+                                   environ)
 
 
 class Untraceable(Exception):
@@ -302,7 +298,10 @@ def _product_block(buf, s0, nr, a0, o0, W, j0, nc):
     instead of 4, to cover the FMA latency."""
     acc = numba.carray(_block(buf.dtype), (4, _COLS1))
     K = W.shape[0]
-    if nr == 4 and nc == _COLS4:                            # constant trip counts unroll
+    # each shape is written out: constant trip counts unroll and keep the sums in registers
+    # (the same loops as a function made per shape and called from here were 3-12x slower:
+    # LLVM did not inline them, and the sums went to memory)
+    if nr == 4 and nc == _COLS4:
         for r in range(4):
             for j in range(_COLS4):
                 acc[r, j] = 0
