@@ -552,6 +552,10 @@ def _add_serve(sub) -> None:
                    help="the user's speaker name in the chat transcript (default User)")
     s.add_argument("--assistant-name", default="Assistant", metavar="NAME",
                    help="the model's speaker name in the chat transcript (default Assistant)")
+    s.add_argument("--backend", choices=("fused", "reference"), default="fused",
+                   help="fused (default): compiled kernels, one compiled call per decode "
+                        "step for all streams (compiled at the first start, then loaded from "
+                        "disk); reference: the readable NumPy ops, no numba")
 
 
 def cmd_serve(args) -> int:
@@ -574,6 +578,8 @@ def cmd_serve(args) -> int:
               "API key is set (--api-key or RANDYGPT_API_KEY): anyone can use this server",
               file=sys.stderr)
     ckpt = _load_model(args)
+    if args.backend != "reference":
+        ckpt = _serving_on(ckpt, args.backend)
     app = create_app(ckpt, api_key=key, max_batch=args.max_batch, queue=args.queue,
                      limits=Limits(max_tokens_cap=args.max_tokens_cap),
                      chat=ChatTemplate(args.user_name, args.assistant_name))
@@ -582,6 +588,25 @@ def cmd_serve(args) -> int:
     # keep-alive 30 s (uvicorn's default is 5): a client's pooled connection outlives a pause
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30)
     return 0
+
+
+def _serving_on(ckpt, backend):
+    """The checkpoint with its model on `backend`, kernels compiled (or loaded) before the
+    first client: a first start on a machine compiles them once, with a notice."""
+    import dataclasses
+
+    from .session import warm_up
+    model = ckpt.model.on_backend(backend)
+    cold = model.compile_decode()          # its decode step is not in numba's disk cache
+    if cold:
+        print("randygpt serve: compiling fast kernels once (later starts load them from "
+              "disk) ...", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    warm_up(model)
+    if cold:
+        print(f"randygpt serve: compiled in {time.monotonic() - started:.1f} s",
+              file=sys.stderr)
+    return dataclasses.replace(ckpt, model=model)
 
 
 # each command: the function that adds its flags, the one that runs it (in --help's order)

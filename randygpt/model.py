@@ -104,6 +104,12 @@ class GPT:
         if seed is not None:
             self.init_weights(np.random.default_rng(seed))
 
+    def on_backend(self, backend) -> "GPT":
+        """A model with these weights (copied) on another backend (a name or a Backend)."""
+        other = GPT(self.cfg, seed=None, dtype=self.dtype, backend=backend)
+        other.params.flat[...] = other.backend.to_device(self.backend.to_host(self.params.flat))
+        return other
+
     @property
     def grads(self) -> FlatTensors:
         if self._grads is None:
@@ -363,6 +369,15 @@ class GPT:
         for i in range(self.cfg.n_layer):
             x, _ = self.block_forward(x, i, kv=view)
         return self.backend.to_host(self.head_forward(x))                      # (S, V)
+
+    def compile_decode(self) -> bool:
+        """Make decode use the backend's compiled step (if it has one) from the next call,
+        compiling it there where numba's disk cache lacks it; True if it has to compile."""
+        step = self._decode_step()
+        if step is None:
+            return False
+        step.compile_now()
+        return not step.on_disk(self.dtype)
 
     def _decode_step(self):
         # a backend may compile decode from these blocks (fused: ops/fused/decode.py); traced

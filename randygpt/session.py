@@ -207,6 +207,14 @@ class Session:
         return Event(s, token, text, reason)
 
 
+def warm_up(model) -> None:
+    """One prefill and one decode step of a scratch stream, so that the backend's kernels
+    are compiled (or loaded from disk) now rather than on a client's first token."""
+    cache = KVCache(model.cfg, 1, model.dtype, model.xp)
+    model.prefill([0], cache)
+    model.decode(np.array([0]), cache, [0])
+
+
 def score_tokens(model, ids, top_n: int = 0) -> list:
     """The model's logprob of each of `ids` given the ones before it: [None (the first has no
     context), TokenLogprob, ...]. This is how a text is scored (OpenAI's echo + logprobs with

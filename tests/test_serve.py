@@ -394,6 +394,33 @@ def test_schemathesis_finds_no_server_errors(served):
         no_5xx()
 
 
+def test_serve_moves_the_model_to_the_fused_backend_and_compiles_before_any_client(
+        tmp_path, capsys, monkeypatch):
+    # `randygpt serve` (default --backend fused): the checkpoint's weights on the fused
+    # backend, its compiled decode step in use from the first client's first token (a first
+    # start says it compiles, and how long it took); its logits are the reference model's
+    from randygpt.checkpoint import load_checkpoint
+    from randygpt.cli import _serving_on
+    from randygpt.model import GPT, KVCache
+    ckpt = load_checkpoint(tiny_checkpoint(str(tmp_path)), optimizer=False)
+    real = GPT.compile_decode
+    monkeypatch.setattr(GPT, "compile_decode", lambda self: real(self) or True)   # cold
+    served = _serving_on(ckpt, "fused")
+    assert served.model.backend.name == "fused" and ckpt.model.backend.name == "reference"
+    np.testing.assert_array_equal(served.model.params.flat, ckpt.model.params.flat)
+    assert served.model._decode_step().ready(np.float32)
+    err = capsys.readouterr().err
+    assert "compiling fast kernels once" in err and "compiled in" in err
+    ids = ckpt.tokenizer.encode("the dog").tolist()
+    got, want = [], []
+    for model, out in ((served.model, got), (ckpt.model, want)):
+        cache = KVCache(model.cfg)
+        out.append(model.prefill(ids[:3], cache)[-1])
+        for t in ids[3:]:
+            out.append(model.decode(np.array([t]), cache, [0])[0])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # a real `randygpt serve` on 127.0.0.1: auth, streaming over the wire, disconnects
 

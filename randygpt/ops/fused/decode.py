@@ -163,6 +163,16 @@ class DecodeStep:
     def charge(self, seconds: float) -> None:
         self.op_by_op_s += seconds
 
+    def compile_now(self) -> None:
+        """Use the step from the next call on, compiling it there if need be (a server,
+        which would rather compile at start than during a client's tokens)."""
+        self.op_by_op_s = max(self.op_by_op_s, COMPILE_AFTER_S)
+
+    def on_disk(self, dtype) -> bool:
+        """Whether numba's disk cache holds the step for dtype (a first call loads it)."""
+        self.ready(dtype)
+        return self._on_disk[np.dtype(dtype).name]
+
     def __call__(self, flat, tokens, positions, streams, cache):
         tokens, positions, streams = (np.asarray(a, np.int64)
                                       for a in (tokens, positions, streams))
