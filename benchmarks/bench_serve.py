@@ -4,7 +4,7 @@ against a server that decodes one stream at a time (--max-batch 1: requests seri
 peer this compares with), and the server's RSS before and after 1,000 requests.
 
     .venv/bin/python benchmarks/bench_serve.py [--preset small] [--tokens 64] [--data PATH]
-        [--requests 1000] [--round 32]
+        [--requests 1000] [--round 32] [--backend fused|reference]
 
 The model is the preset's shape, briefly trained (so that EOS is unlikely and every request
 makes all its tokens) on Tiny Shakespeare (../shared/data/tinyshakespeare.txt) or the
@@ -112,6 +112,8 @@ def main():
     ap.add_argument("--requests", type=int, default=1000, help="requests for the RSS soak")
     ap.add_argument("--train-steps", type=int, default=30,
                     help="AdamW steps before serving (EOS becomes unlikely)")
+    ap.add_argument("--backend", choices=("fused", "reference"), default="fused",
+                    help="the servers' --backend (default fused, serve's default)")
     ap.add_argument("--round", type=int, default=32,
                     help="requests per measured round (at least 2 per client)")
     args = ap.parse_args()
@@ -124,13 +126,15 @@ def main():
     print(f"CPU: {name}, {os.cpu_count()} cores; load average before: "
           f"{os.getloadavg()[0]:.2f} (other processes may be running)")
     print(f"model: {args.preset} preset, {model.num_params:,} parameters, block "
-          f"{model.cfg.block_size}; {args.tokens} tokens per request", flush=True)
+          f"{model.cfg.block_size}; {args.tokens} tokens per request; --backend "
+          f"{args.backend}", flush=True)
     with tempfile.TemporaryDirectory() as d:
         ckpt = os.path.join(d, "checkpoint.safetensors")
         save_checkpoint(ckpt, model, tok)
         rows = {}
         for batch in (32, 1):
-            server = Server(ckpt, "--max-batch", str(batch), "--queue", "1024")
+            server = Server(ckpt, "--max-batch", str(batch), "--queue", "1024",
+                            "--backend", args.backend)
             try:
                 asyncio.run(round_of(server.url, 2, 1, 8))                 # warm-up
                 for clients in (1, 8, 32):
