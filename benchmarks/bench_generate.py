@@ -110,10 +110,12 @@ def print_settings(model):
     step, decisions = model._decode_step(), read_decisions(decision_file())
     every = numba.config.NUMBA_NUM_THREADS
     print("  fused step's settings, timed here (rows of one call: block width, threads):")
-    for rows, (width, threads) in sorted(step.chosen.items()):
-        seconds = decisions.get(f"decode rows<={rows} of {every} threads", {}).get("seconds")
+    for (rows, split), (width, threads) in sorted(step.chosen.items()):
+        one = "" if split else ", one stream"
+        seconds = decisions.get(f"decode rows<={rows} of {every} threads{one}", {}).get(
+            "seconds")
         times = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in (seconds or {}).items())
-        print(f"    <= {rows} rows: 4x{width} on {threads} thread(s)"
+        print(f"    <= {rows} rows{one}: 4x{width} on {threads} thread(s)"
               + (f"  ({times})" if times else "  (decided by an earlier run)"))
 
 

@@ -228,7 +228,7 @@ def test_the_compiled_steps_settings_and_splits_change_no_bit(monkeypatch):
         cache.lengths[:] = [3, 6, 5, 2, 6]
         monkeypatch.setattr(decode, "MAX_ROWS", max_rows)
         step._buffers.clear()
-        step._setting_of[len(streams)] = (width, threads)
+        step._setting_of[len(streams), True] = (width, threads)
         results.append((model.decode(tokens, cache, streams, positions), cache.k.copy()))
     for logits, keys in results[1:]:
         np.testing.assert_array_equal(logits, results[0][0])
@@ -252,7 +252,8 @@ def test_the_compiled_steps_setting_is_timed_once_and_kept(monkeypatch, tmp_path
         for fn in fns:
             fn()                                               # each candidate really runs
         timed.append(len(fns))
-        return [1.0, 0.95, 0.5, 0.48]     # (16,1) (64,1): not 10% better; (16,2) wins
+        # (16,1) (64,1): not 10% better; (16,2) wins. Widths alone: 4x64 wins
+        return [1.0, 0.95, 0.5, 0.48] if len(fns) == 4 else [1.0, 0.5]
     from randygpt.ops.fused import choose
     monkeypatch.setattr(choose, "_best_times", fake_times)
     model = make_model(backend="fused")
@@ -264,6 +265,10 @@ def test_the_compiled_steps_setting_is_timed_once_and_kept(monkeypatch, tmp_path
     assert model._decode_step().setting(10, None) == (16, 2)
     fresh = GPT(model.cfg, seed=None, backend=model.backend)._decode_step()
     assert fresh.setting(12, None) == (16, 2) and timed == [4]     # same bucket: 9..16 rows
+    # one stream's 10 restart rows cannot split: only the widths are timed, kept apart
+    cache.lengths[0] = 0
+    model.decode(np.array(random_ids(10, seed=81)), cache, [0] * 10, range(10))
+    assert timed == [4, 2] and model._decode_step().setting(10, None, False) == (64, 1)
     with open(tmp_path / "kernels.json") as f:
         saved = [d for m in json.load(f).values() for k, d in m.items()
                  if k == "decode rows<=16 of 2 threads"]

@@ -146,8 +146,8 @@ class DecodeStep:
         self._buffers, self._threads = {}, None
         self.block_mode = block_mode_from_environment()
         self.thread_mode = thread_mode_from_environment()
-        self.chosen: dict[int, tuple] = {}      # rows (a power of two) -> (width, threads)
-        self._setting_of: dict[int, tuple] = {}     # rows -> (width, threads), this process
+        self.chosen: dict[tuple, tuple] = {}    # (rows: a power of two, split) -> setting
+        self._setting_of: dict[tuple, tuple] = {}   # (rows, split) -> (width, threads)
         self.op_by_op_s = 0.0               # time GPT.decode spent op by op, waiting for this
         self._on_disk = {}                  # dtype name -> numba's disk cache has _run
 
@@ -187,7 +187,10 @@ class DecodeStep:
             self._run_rows(flat, tokens, positions, streams, cache, logits, parts[0], 0, width)
             for job in jobs:
                 job.result()
-        run(len(tokens), *self.setting(len(tokens), run))
+        R = len(tokens)            # can the rows split? (one restarting stream cannot)
+        split = R >= MIN_SPLIT and bool(
+            (streams[:numba.config.NUMBA_NUM_THREADS * MAX_ROWS] != streams[0]).any())
+        run(R, *self.setting(R, run, split))
         return logits
 
     def _run_rows(self, flat, tokens, positions, streams, cache, logits, part, k, width):
@@ -220,30 +223,31 @@ class DecodeStep:
                                                thread_name_prefix="randygpt-decode-step")
         return self._threads
 
-    def setting(self, R, run) -> tuple[int, int]:
+    def setting(self, R, run, split=True) -> tuple[int, int]:
         """(block width, threads) for a step of R rows: forced by the environment, decided
         before, or timed now by `run(rows, width, threads)` on the first rows of this step
         (up to the most rows the threads take in one call each). Running rows again
         recomputes them and rewrites the same keys and values (each row reads only its own
         stream's earlier positions), so timing changes nothing. A candidate replaces the
-        one before it only when MARGIN faster."""
-        if R in self._setting_of:                    # the hot path: one lookup
-            return self._setting_of[R]
+        one before it only when MARGIN faster. split: whether those rows hold more than one
+        stream (else more threads are not a candidate, and the decision is kept apart)."""
+        if (R, split) in self._setting_of:           # the hot path: one lookup
+            return self._setting_of[R, split]
         from .choose import MARGIN, _best_times, decision_file, read_decisions, save_decision
         every = numba.config.NUMBA_NUM_THREADS
         widths = BLOCK_WIDTHS if self.block_mode == "auto" else (int(self.block_mode),)
         if R < 4:                                    # no 4-row block: the width is unused
             widths = widths[:1]
-        threads = {"1": (1,), "all": (every,)}.get(self.thread_mode,
-                                                   (1, every) if R >= MIN_SPLIT else (1,))
+        threads = {"1": (1,), "all": (every,)}.get(
+            self.thread_mode, (1, every) if split and R >= MIN_SPLIT else (1,))
         candidates = list(dict.fromkeys((w, t) for t in threads for w in widths))
         if len(candidates) == 1:
-            self._setting_of[R] = candidates[0]
+            self._setting_of[R, split] = candidates[0]
             return candidates[0]
         rows = min(1 << (R - 1).bit_length(), every * MAX_ROWS)
-        chosen = self.chosen.get(rows)
+        chosen = self.chosen.get((rows, split))
         if chosen is None:
-            key = f"decode rows<={rows} of {every} threads"
+            key = f"decode rows<={rows} of {every} threads" + ("" if split else ", one stream")
             decision = read_decisions(decision_file()).get(key)
             if not (isinstance(decision, dict) and
                     (decision.get("width"), decision.get("threads")) in candidates):
@@ -257,8 +261,8 @@ class DecodeStep:
                             "seconds": {f"4x{w} on {t}": round(x, 6)
                                         for (w, t), x in zip(candidates, times)}}
                 save_decision(decision_file(), key, decision)
-            chosen = self.chosen[rows] = (decision["width"], decision["threads"])
-        self._setting_of[R] = chosen
+            chosen = self.chosen[rows, split] = (decision["width"], decision["threads"])
+        self._setting_of[R, split] = chosen
         return chosen
 
 
