@@ -97,7 +97,11 @@ class Session:
         if not ids:
             raise ValueError("a stream needs at least one token (BOS for an empty prompt)")
         self._windows[stream] = ids
-        return self.model.prefill(ids, self.cache, stream)[-1]
+        # rows at positions 0..T-1 of one decode call: a prefill on the op-by-op path, rows of
+        # the compiled step where the backend has one (Xeon, small preset: a 6-token prompt
+        # 0.58 ms against the fused prefill's 1.21, 32 tokens 2.37 against 2.81)
+        return self.model.decode(np.asarray(ids), self.cache, [stream] * len(ids),
+                                 range(len(ids)))[-1]
 
     def feed(self, streams, tokens) -> np.ndarray:
         """Append one token to each stream; logits (S, V) for the token after each. A stream
