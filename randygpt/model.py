@@ -325,8 +325,8 @@ class GPT:
                                          and (pos == cache.lengths[streams]).all())
         groups = None if one_each else _row_groups(streams, pos, cache.lengths)
         if (pos >= self.cfg.block_size).any():
-            raise ValueError(f"a KV cache is full ({self.cfg.block_size} positions): slide "
-                             "the window by prefilling its most recent tokens again")
+            raise ValueError(f"a KV cache is full ({self.cfg.block_size} positions): restart "
+                             "the window, its most recent tokens again from position 0")
         step = self._decode_step()
         if step is not None and step.ready(self.dtype):   # the fused backend: the same blocks,
             logits = step(self.params.flat, tokens, pos, streams, cache)   # one compiled call

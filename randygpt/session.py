@@ -62,7 +62,6 @@ def token_logprob(logits, token: int, top_n: int) -> TokenLogprob:
 
 @dataclass
 class _Stream:
-    window: list                      # the ids at positions 0..n-1 of this stream's cache
     logits: np.ndarray                # (V,) for the next token
     max_tokens: int
     sampling: SamplingConfig
@@ -152,7 +151,7 @@ class Session:
             raise RuntimeError("every stream of this session is busy")
         s = min(set(range(self.cache.streams)) - set(self.active))
         logits = self.prefill(s, ids)
-        self.active[s] = _Stream(self._windows[s], logits, max_tokens, sampling,
+        self.active[s] = _Stream(logits, max_tokens, sampling,
                                  rng if rng is not None else np.random.default_rng(),
                                  Detokenizer(self.tokenizer), StopFilter(stop), logprobs)
         return s
