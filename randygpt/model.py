@@ -377,7 +377,7 @@ class GPT:
         if step is None:
             return False
         step.compile_now()
-        return not step.on_disk(self.dtype)
+        return not step.in_disk_cache(self.dtype)
 
     def _decode_step(self):
         # a backend may compile decode from these blocks (fused: ops/fused/decode.py); traced

@@ -79,7 +79,8 @@ def sample_tokens(logits, samplings, rngs) -> list[int]:
     cut = np.flatnonzero((0 < k) & (k < V))
     if len(cut):
         kth = np.sort(z[cut], axis=1)[np.arange(len(cut)), V - k[cut]]        # k-th largest
-        z[cut] = np.where(z[cut] < kth[:, None], -np.inf, z[cut])
+        kept = z[cut]
+        z[cut] = np.where(kept < kth[:, None], -np.inf, kept)
     probs = np.exp(z - z.max(axis=1, keepdims=True))                          # unnormalised
     top_p = np.array([samplings[r].top_p for r in rows])
     nucleus = np.flatnonzero(top_p < 1.0)

@@ -212,7 +212,8 @@ class Session:
 
 def warm_up(model) -> None:
     """One prefill and one decode step of a scratch stream, so that the backend's kernels
-    are compiled (or loaded from disk) now rather than on a client's first token."""
+    are compiled (or loaded from disk) now rather than during a client's request: the decode
+    step for every stream's tokens, the forward kernels for scoring a prompt (echo)."""
     cache = KVCache(model.cfg, 1, model.dtype, model.xp)
     model.prefill([0], cache)
     model.decode(np.array([0]), cache, [0])

@@ -155,9 +155,7 @@ class DecodeStep:
         """Whether GPT.decode should call the step now: compiled in this process, on disk,
         or the op-by-op decode has already taken as long as compiling would."""
         name = np.dtype(dtype).name
-        if name not in self._on_disk:                       # read numba's index once
-            self._on_disk[name] = on_disk(_run, name)
-        return (self._on_disk[name] or self.op_by_op_s >= COMPILE_AFTER_S
+        return (self.in_disk_cache(dtype) or self.op_by_op_s >= COMPILE_AFTER_S
                 or any(name in str(sig) for sig in _run.signatures))
 
     def charge(self, seconds: float) -> None:
@@ -168,10 +166,12 @@ class DecodeStep:
         which would rather compile at start than during a client's tokens)."""
         self.op_by_op_s = max(self.op_by_op_s, COMPILE_AFTER_S)
 
-    def on_disk(self, dtype) -> bool:
+    def in_disk_cache(self, dtype) -> bool:
         """Whether numba's disk cache holds the step for dtype (a first call loads it)."""
-        self.ready(dtype)
-        return self._on_disk[np.dtype(dtype).name]
+        name = np.dtype(dtype).name
+        if name not in self._on_disk:                       # read numba's index once
+            self._on_disk[name] = on_disk(_run, name)
+        return self._on_disk[name]
 
     def __call__(self, flat, tokens, positions, streams, cache):
         tokens, positions, streams = (np.asarray(a, np.int64)
@@ -270,8 +270,6 @@ def _parts(streams, n) -> list:
     """Row indices for n threads, each a set of whole streams (a stream's rows depend on one
     another) with about equal row counts; each part's rows in their order."""
     rows = np.arange(len(streams))
-    if n <= 1:
-        return [rows]
     _, first, inverse, counts = np.unique(streams, return_index=True, return_inverse=True,
                                           return_counts=True)
     part_of = np.empty(len(counts), dtype=np.int64)
