@@ -2,7 +2,7 @@
 
     HTTP handlers (asyncio)                       decode thread (this file)
       engine.submit(job)  -> waiting (bounded) ->   admit jobs while the Session has free streams
-      await job.events.get()   <- call_soon_threadsafe(put)  <- session.step(): one token for
+      await job.events.get()   <- call_soon_threadsafe   <- session.step(): one token for
       engine.cancel(job)  (client left)      ->     every active stream, ONE batched decode
 
 A job is one choice (one stream): a request with n choices over p prompts submits n * p jobs.
@@ -43,8 +43,21 @@ class Job:
     cancelled: bool = False
     stream: int | None = None                 # the Session stream while decoding
 
-    def deliver(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, item))
+
+def deliver_all(pairs) -> None:
+    """Put (job.index, item) on each job's event queue, with one wake-up of each event loop
+    rather than one per item: each call_soon_threadsafe writes to the loop's wake-up pipe
+    (a system call), and a step of 32 streams would make 32 of them."""
+    by_loop: dict = {}
+    for job, item in pairs:
+        by_loop.setdefault(job.loop, []).append((job.events, (job.index, item)))
+    for loop, puts in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, puts)
+
+
+def _put_all(puts) -> None:
+    for events, item in puts:
+        events.put_nowait(item)
 
 
 @dataclass
@@ -159,8 +172,8 @@ class Engine:
                     self._step()
             except Exception as e:             # a bug or a fault: fail these jobs, not the server
                 self.stats.failed_steps += 1
-                for job in {id(j): j for j in [*admit, *self._running.values()]}.values():
-                    job.deliver(e)
+                failed = {id(j): j for j in [*admit, *self._running.values()]}.values()
+                deliver_all((job, e) for job in failed)
                 self._running.clear()
                 self.session = Session(self.model, self.tokenizer, self.max_batch)
 
@@ -193,8 +206,10 @@ class Engine:
         st.tokens += n
         st.peak_batch = max(st.peak_batch, n)
         st.batch_sizes[n] = st.batch_sizes.get(n, 0) + 1
+        pairs = []
         for event in events:
             job = self._running[event.stream]
             if event.finish_reason is not None:
                 del self._running[event.stream]
-            job.deliver(event)
+            pairs.append((job, event))
+        deliver_all(pairs)
