@@ -39,6 +39,25 @@ from .schemas import (APIError, ChatRequest, CompletionRequest, DetokenizeReques
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 
 
+class BodyLimit:
+    """413 for a request whose Content-Length is over max_bytes (or not a number), before
+    the app reads it. A plain ASGI middleware: Starlette's @app.middleware("http") passes
+    every chunk of a streamed response through a task and a memory channel (8.5 % of the
+    server's samples at 32 streaming clients, py-spy)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            size = dict(scope["headers"]).get(b"content-length")
+            if size is not None and (not size.isdigit() or int(size) > self.max_bytes):
+                e = APIError(413, f"the request body is over {self.max_bytes} bytes",
+                             code="body_too_large")
+                return await JSONResponse(e.body(), status_code=413)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 class Limits:
     def __init__(self, max_tokens_cap=1024, max_prompt_tokens=8192, max_body_bytes=1 << 20,
                  retry_after_s=1):
@@ -98,14 +117,7 @@ def create_app(checkpoint_or_model, tokenizer=None, *, model_id=None, api_key=No
                                      f"{request.url.path}", code="method_not_allowed").body(),
                             status_code=405)
 
-    @app.middleware("http")
-    async def _body_limit(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
-            e = APIError(413, f"the request body is over {limits.max_body_bytes} bytes",
-                         code="body_too_large")
-            return JSONResponse(e.body(), status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
 
     def auth(request: Request):
         if api_key is None:
