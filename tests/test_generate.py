@@ -12,7 +12,7 @@ from randygpt.config import ModelConfig
 from randygpt.errors import UserError
 from randygpt.model import GPT
 from randygpt.model import KVCache
-from randygpt.sample import SamplingConfig, sample_token
+from randygpt.sample import SamplingConfig, encode_prompt, sample_token
 from randygpt.session import Session, complete, generate, score_tokens
 from randygpt.tokenizer import CharTokenizer
 from clitools import assert_one_line_error
@@ -390,6 +390,48 @@ def test_concurrent_streams_each_equal_their_own_generation(backend):
     reasons = [e[-1].finish_reason for e in alone]
     assert reasons[:2] == ["length", "length"] and reasons[2] == "stop"
     assert len({len(e) for e in alone}) == 4            # they finished at different steps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_streams_submitted_together_prefill_in_one_call_and_equal_their_own(backend):
+    # submit_all (a server admitting several requests at one step): all prompts, of
+    # different lengths (one longer than the block, one empty), go through one decode
+    # call, and each stream's events are exactly those it makes alone
+    model = make_model(backend=backend)
+    jobs = [("the ", 20, SamplingConfig(temperature=0), 1),
+            ("quick brown " * 4, 20, SamplingConfig(temperature=1.0, top_k=5), 2),
+            ("", 20, SamplingConfig(temperature=0.8, top_p=0.9), 3)]
+    prompt_rows = [min(len(encode_prompt(TOK, p)), BLOCK) for p, *_ in jobs]
+    assert prompt_rows[1] == BLOCK                       # cut to the block's last tokens
+    alone = [list(generate(model, TOK, p, n, s, rng=np.random.default_rng(seed)))
+             for p, n, s, seed in jobs]
+    session = Session(model, TOK, streams=4)
+    calls = []
+    decode = model.decode
+    model.decode = lambda *a, **k: calls.append(a[0]) or decode(*a, **k)
+    streams = session.submit_all([dict(prompt=p, max_tokens=n, sampling=s,
+                                       rng=np.random.default_rng(seed))
+                                  for p, n, s, seed in jobs])
+    assert streams == [0, 1, 2] and len(calls) == 1
+    assert len(calls[0]) == sum(prompt_rows)             # every prompt's rows
+    together = {s: [] for s in streams}
+    while session.active:
+        for e in session.step():
+            together[e.stream].append(e)
+    for want, s in zip(alone, streams):
+        assert [(e.token, e.text) for e in together[s]] == [(e.token, e.text) for e in want]
+
+
+def test_submit_all_starts_no_stream_when_one_request_is_bad():
+    model = make_model()
+    session = Session(model, TOK, streams=4)
+    with pytest.raises(UserError, match="max_tokens"):
+        session.submit_all([dict(prompt="the", max_tokens=5), dict(prompt="a", max_tokens=0)])
+    assert not session.active
+    assert session.submit_all([dict(prompt="x")] * 2) == [0, 1]
+    with pytest.raises(RuntimeError, match="3 streams asked for, 2 free"):
+        session.submit_all([dict(prompt="y")] * 3)
+    assert sorted(session.active) == [0, 1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -164,10 +164,14 @@ class Engine:
                     if not job.cancelled:
                         admit.append(job)
             try:
-                for job in admit:              # prefill outside the lock: submit never waits
-                    job.stream = self.session.submit(job.ids, job.max_tokens, job.sampling,
-                                                     job.stop, job.rng, job.logprobs)
-                    self._running[job.stream] = job
+                if admit:                      # prefill outside the lock: submit never waits
+                    streams = self.session.submit_all(   # every prompt in one decode call
+                        [dict(prompt=job.ids, max_tokens=job.max_tokens, sampling=job.sampling,
+                              stop=job.stop, rng=job.rng, logprobs=job.logprobs)
+                         for job in admit])
+                    for job, stream in zip(admit, streams):
+                        job.stream = stream
+                        self._running[stream] = job
                 if self._running:
                     self._step()
             except Exception as e:             # a bug or a fault: fail these jobs, not the server
