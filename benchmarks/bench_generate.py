@@ -13,7 +13,7 @@
     numba; print()`; and the cold compile of the fused decode step.
 
     .venv/bin/python benchmarks/bench_generate.py [--preset small] [--tokens 1000]
-        [--streams 32] [--launches 11] [--no-torch] [--startup-only]
+        [--streams 32] [--launches 11] [--no-torch] [--startup-only] [--python PY]
 
 The launches are fair to an installed randyGPT: the checkpoint is a training checkpoint
 (weights and AdamW moments, as `randygpt train` writes), every launch finds compiled
@@ -137,10 +137,10 @@ def torch_rate(model, prompt_ids, n):
         return n / (time.perf_counter() - t0), torch.get_num_threads()
 
 
-def first_byte(argv, env):
+def first_byte(argv, env, python=sys.executable):
     """Seconds from starting `python argv` to the first byte it writes to stdout."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([python, *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, bufsize=0, env=env, cwd=ROOT)
     first = proc.stdout.read(1)
     t_first = time.perf_counter() - t0
@@ -150,8 +150,10 @@ def first_byte(argv, env):
     return t_first
 
 
-def startup(cfg, text, prompt, launches, tmp):
-    """Median ms to the first byte of `randygpt generate` and of its baselines, in turns."""
+def startup(cfg, text, prompt, launches, tmp, python=sys.executable):
+    """Median ms to the first byte of `randygpt generate` and of its baselines, in turns,
+    each launched by `python` (an interpreter whose environment has randyGPT's
+    dependencies; randyGPT itself comes from this checkout, on PYTHONPATH)."""
     model = GPT(cfg, seed=0)
     ckpt = os.path.join(tmp, "checkpoint.safetensors")
     save_checkpoint(ckpt, model, CharTokenizer.from_text(text),
@@ -169,18 +171,19 @@ def startup(cfg, text, prompt, launches, tmp):
         "import numba": (["-c", "import numba; print()"], env),
     }
     for argv, e in commands.values():             # untimed: writes the bytecode
-        first_byte(argv, e)
+        first_byte(argv, e, python)
     times = {name: [] for name in commands}
     for _ in range(launches):
         for name, (argv, e) in commands.items():
-            times[name].append(first_byte(argv, e))
+            times[name].append(first_byte(argv, e, python))
     medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     return medians, min(times["randygpt generate"]) * 1e3
 
 
-def print_startup(medians, fastest, launches):
+def print_startup(medians, fastest, launches, python=sys.executable):
     gen = medians["randygpt generate"]
-    print(f"\nstart-up, median of {launches} launches each: `randygpt generate` (reference "
+    print(f"\nstart-up, {python}, median of {launches} launches each: `randygpt generate` "
+          f"(reference "
           f"path, a training checkpoint) first byte on stdout after {gen:.0f} ms (fastest "
           f"{fastest:.0f}); bare python {medians['bare python']:.0f} ms, `import "
           f"numpy.random` {medians['import numpy.random']:.0f} ms (randygpt's own part: "
@@ -198,6 +201,10 @@ def main():
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     ap.add_argument("--startup-only", action="store_true",
                     help="measure the start-up only (no generation speed, no compile)")
+    ap.add_argument("--python", default=sys.executable,
+                    help="the interpreter that launches start-up's commands (default: this "
+                    "one); e.g. a venv made as the Quickstart makes one, without the test "
+                    "extras, whose .pth files run at every start")
     args = ap.parse_args()
     print(describe())
     ticks = cpu_ticks()
@@ -209,7 +216,8 @@ def main():
     if args.startup_only:
         with tempfile.TemporaryDirectory() as tmp:
             print_startup(*startup(model_of(args.preset, tok, "reference").cfg, text, prompt,
-                                   args.launches, tmp), args.launches)
+                                   args.launches, tmp, args.python), args.launches,
+                          args.python)
         return
     fused, ref = model_of(args.preset, tok, "fused"), model_of(args.preset, tok, "reference")
     ref.params.flat[...] = fused.params.flat
@@ -258,7 +266,8 @@ def main():
         warm = float(subprocess.run([sys.executable, "-c", code], env=env, check=True,
                                     capture_output=True, text=True).stdout)
     with tempfile.TemporaryDirectory() as tmp:
-        print_startup(*startup(cfg, text, prompt, args.launches, tmp), args.launches)
+        print_startup(*startup(cfg, text, prompt, args.launches, tmp, args.python),
+                      args.launches, args.python)
     print(f"fused decode step: first call {cold:.2f} s cold (compiling), {warm:.2f} s "
           f"with numba's disk cache")
     print(steal_line(ticks))

@@ -10,7 +10,8 @@ The model is the preset's shape, briefly trained (so that EOS is unlikely and ev
 makes all its tokens) on Tiny Shakespeare (../shared/data/tinyshakespeare.txt) or the
 built-in sample. Each client sends streaming /v1/completions requests one after another
 (prompt "ROMEO:", max_tokens --tokens, temperature 0.8); tokens/s counts the completion
-tokens the server reports (usage) over the wall time of the whole round.
+tokens the server reports (usage) over the wall time of the whole round. The clients run on
+the same machine and take CPU from the server: each round prints how much.
 """
 import argparse
 import asyncio
@@ -86,14 +87,14 @@ async def round_of(url, clients, per_client, tokens):
                     out.append(await one_request(http, url, tokens))
             return out
         retries = [0]
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         results = [r for rs in await asyncio.gather(*[client() for _ in range(clients)])
                    for r in rs]
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     ttft = sorted(f for f, _ in results if f is not None)
     return {"tok_s": sum(u for _, u in results) / wall, "p50": ttft[len(ttft) // 2],
             "p99": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], "wall": wall,
-            "requests": len(results), "retries": retries[0]}
+            "requests": len(results), "retries": retries[0], "client_cores": cpu / wall}
 
 
 def rss_mb(pid) -> float:
@@ -142,7 +143,8 @@ def main():
                     rows[batch, clients] = r = asyncio.run(
                         round_of(server.url, clients, per, args.tokens))
                     print(f"--max-batch {batch}, {clients} clients: {r['requests']} requests "
-                          f"in {r['wall']:.1f} s, {r['tok_s']:.0f} tok/s", flush=True)
+                          f"in {r['wall']:.1f} s, {r['tok_s']:.0f} tok/s (the clients used "
+                          f"{r['client_cores']:.2f} of the {os.cpu_count()} cores)", flush=True)
                 if batch == 32:
                     before = rss_mb(server.proc.pid)
                     t0 = time.perf_counter()
