@@ -150,13 +150,19 @@ class DecodeStep:
         self._setting_of: dict[tuple, tuple] = {}   # (rows, split) -> (width, threads)
         self.op_by_op_s = 0.0               # time GPT.decode spent op by op, waiting for this
         self._on_disk = {}                  # dtype name -> numba's disk cache has _run
+        self._ready = set()                 # dtypes ready() said yes to
 
     def ready(self, dtype) -> bool:
         """Whether GPT.decode should call the step now: compiled in this process, on disk,
         or the op-by-op decode has already taken as long as compiling would."""
+        if dtype in self._ready:                            # the hot path: every token
+            return True
         name = np.dtype(dtype).name
-        return (self.in_disk_cache(dtype) or self.op_by_op_s >= COMPILE_AFTER_S
-                or any(name in str(sig) for sig in _run.signatures))
+        ready = (self.in_disk_cache(dtype) or self.op_by_op_s >= COMPILE_AFTER_S
+                 or any(name in str(sig) for sig in _run.signatures))
+        if ready:                                           # once ready, always
+            self._ready.add(dtype)
+        return ready
 
     def charge(self, seconds: float) -> None:
         self.op_by_op_s += seconds
