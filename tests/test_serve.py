@@ -316,9 +316,17 @@ def test_concurrent_requests_share_batched_steps(served):
         engine.resume()
         results = await asyncio.gather(*tasks)
         return results, engine.stats.steps - before
-    results, steps = run(app, four)
+    admitted = []                                # the prompts of one step: one decode call
+    session = engine.session
+    submit_all = session.submit_all
+    session.submit_all = lambda requests: admitted.append(len(requests)) or submit_all(requests)
+    try:
+        results, steps = run(app, four)
+    finally:
+        del session.submit_all
     assert all(r.usage.completion_tokens == 20 for r in results)
     assert steps <= 21 and engine.stats.peak_batch == 4      # 4 x 20 tokens in ~20 steps
+    assert admitted == [4]
 
 
 def test_a_full_queue_is_429_with_retry_after():
