@@ -100,16 +100,22 @@ class Session:
         windows = [[int(i) for i in ids][-self.block_size:] for ids in id_lists]
         if not all(windows):
             raise ValueError("a stream needs at least one token (BOS for an empty prompt)")
-        rows, ids, positions, last = [], [], [], []
         for s, window in zip(streams, windows):
             self._windows[s] = window
-            rows += [s] * len(window)
-            ids += window
-            positions += range(len(window))
-            last.append(len(rows) - 1)
         # rows at positions 0..T-1 of one decode call: a prefill on the op-by-op path, rows of
         # the compiled step where the backend has one (Xeon, small preset: a 6-token prompt
         # 0.58 ms against the fused prefill's 1.21, 32 tokens 2.37 against 2.81)
+        return self._decode_runs([(s, window, 0) for s, window in zip(streams, windows)])
+
+    def _decode_runs(self, runs) -> np.ndarray:
+        """One decode call over runs (stream, ids, first position): each run's ids are rows
+        at consecutive positions; logits (len(runs), V) after each run's last id."""
+        rows, ids, positions, last = [], [], [], []
+        for s, new, start in runs:
+            rows += [s] * len(new)
+            ids += new
+            positions += range(start, start + len(new))
+            last.append(len(rows) - 1)
         return self.model.decode(np.asarray(ids), self.cache, rows, positions)[last]
 
     def feed(self, streams, tokens) -> np.ndarray:
@@ -121,22 +127,17 @@ class Session:
             for window, t in zip(windows, tokens):
                 window.append(int(t))
             return self.model.decode(np.asarray(tokens), self.cache, streams)
-        rows, ids, positions, last = [], [], [], []
+        runs = []
         for s, t in zip(streams, tokens):
             window = self._windows[s]
             if len(window) < self.block_size:
                 window.append(int(t))
-                new, start = [int(t)], len(window) - 1
+                runs.append((s, [int(t)], len(window) - 1))
             else:
                 self.rebuilds += 1
                 window = self._windows[s] = window[len(window) - self.keep:] + [int(t)]
-                new, start = window, 0
-            rows += [s] * len(new)
-            ids += new
-            positions += range(start, start + len(new))
-            last.append(len(rows) - 1)
-        logits = self.model.decode(np.asarray(ids), self.cache, rows, positions)
-        return logits[last]
+                runs.append((s, window, 0))
+        return self._decode_runs(runs)
 
     def window(self, stream: int) -> list:
         return self._windows[stream]
